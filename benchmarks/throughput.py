@@ -1,0 +1,121 @@
+"""Offline throughput: Tandem against Hugging Face transformers on the same workload.
+
+Random-token prompts (EOS ignored) go through transformers one request at a time,
+through transformers in static batches, and through Tandem, in one run; the command
+prints output tokens/s for each and the ratios. Also prints the share of Tandem's step
+time spent outside the model forward (scheduling, input building, sampling, detokenizing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Model folder or .gguf (default: SmolLM2)")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--baseline", choices=("hf", "none"), default="hf")
+    parser.add_argument("--hf-static-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--hf-sequential-prompts", type=int, default=8,
+        help="Prompts run one at a time through transformers; its rate is per request, "
+        "so a subset measures it (all prompts would take minutes).",
+    )  # fmt: skip
+    parser.add_argument("--output-json", default=None)
+
+
+def random_prompts(vocab_size: int, input_len: int, num_prompts: int, seed: int) -> list[list[int]]:
+    """The shared recipe: benchmarks/vllm_throughput.py draws the same prompts."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:
+    from tandem.engine import LLM, SamplingParams
+
+    options.setdefault("max_num_seqs", max(args.num_prompts, 1))
+    options.setdefault("dtype", "float32")
+    llm = LLM(**options)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # fmt: skip
+    llm.engine.timing.__init__()  # count the timed run only
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    elapsed = time.perf_counter() - start
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    timing = llm.engine.timing
+    outside = 1.0 - timing.forward_seconds / timing.step_seconds
+    return {"output_tokens_per_s": num_tokens / elapsed, "elapsed_s": elapsed,
+            "num_output_tokens": num_tokens, "share_outside_forward": outside,
+            "model_dir": str(llm.engine.model_dir)}  # fmt: skip
+
+
+def _hf_generate(model, batch: list[list[int]], output_len: int) -> int:
+    ids = torch.tensor(batch)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=output_len,
+        min_new_tokens=output_len, pad_token_id=0,
+    )  # fmt: skip
+    return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+
+def run_hf(model_dir: str, prompts: list[list[int]], args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    _hf_generate(model, prompts[:1], 4)  # warm-up
+    results = {}
+    with torch.inference_mode():
+        subset = prompts[: args.hf_sequential_prompts]
+        start = time.perf_counter()
+        tokens = sum(_hf_generate(model, [p], args.output_len) for p in subset)
+        results["hf_sequential"] = tokens / (time.perf_counter() - start)
+        bs = args.hf_static_batch_size
+        start = time.perf_counter()
+        tokens = sum(_hf_generate(model, prompts[i : i + bs], args.output_len)
+                     for i in range(0, len(prompts), bs))  # fmt: skip
+        results["hf_static"] = tokens / (time.perf_counter() - start)
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    from tandem.engine.model_loader import load_hf_config, resolve_model_path
+    from tandem.services.cli import engine_options
+
+    torch.manual_seed(0)
+    model_dir = resolve_model_path(args.model)
+    vocab_size = load_hf_config(model_dir).vocab_size
+    prompts = random_prompts(vocab_size, args.input_len, args.num_prompts, args.seed)
+    options = engine_options(args)  # --seed seeds both the prompts and the engine
+    tandem = run_tandem(args, options, prompts)
+    report = {"workload": {"input_len": args.input_len, "output_len": args.output_len,
+                           "num_prompts": args.num_prompts, "threads": torch.get_num_threads()},
+              "tandem": tandem}  # fmt: skip
+    print(f"\nWorkload: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
+          f"greedy, EOS ignored, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'system':<34}{'output tok/s':>14}")
+    print(f"{'tandem':<34}{tandem['output_tokens_per_s']:>14.1f}")
+    if args.baseline == "hf":
+        hf = run_hf(str(model_dir), prompts, args)
+        report["hf_sequential_output_tokens_per_s"] = hf["hf_sequential"]
+        report["hf_static_output_tokens_per_s"] = hf["hf_static"]
+        report["ratio_vs_hf_sequential"] = tandem["output_tokens_per_s"] / hf["hf_sequential"]
+        report["ratio_vs_hf_static"] = tandem["output_tokens_per_s"] / hf["hf_static"]
+        seq_label = f"transformers sequential ({args.hf_sequential_prompts} prompts)"
+        print(f"{seq_label:<34}{hf['hf_sequential']:>14.1f}")
+        print(f"{'transformers static batch ' + str(args.hf_static_batch_size):<34}{hf['hf_static']:>14.1f}")
+        print(f"ratio vs transformers sequential: {report['ratio_vs_hf_sequential']:.2f}x")
+        print(f"ratio vs transformers static:     {report['ratio_vs_hf_static']:.2f}x")
+    print(f"share of Tandem step time outside the model forward: {tandem['share_outside_forward']:.1%}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

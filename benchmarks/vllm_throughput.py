@@ -1,0 +1,100 @@
+"""Offline generation throughput of vLLM (CPU build) on random token-id prompts.
+
+Measures output tokens per second of a single ``LLM.generate`` call over
+``--num-prompts`` prompts of ``--input-len`` random token ids, each generating
+exactly ``--output-len`` tokens greedily (temperature 0, EOS ignored).  The
+time includes prefill and decode of all prompts, but not model loading,
+compilation or the small warmup run.  Prompts are drawn with the same recipe
+as Tandem's benchmark, so both engines see identical inputs.
+
+Standalone: imports only vllm and the standard library.  Run with the vLLM
+venv, e.g. (see benchmarks/install_vllm_cpu.sh):
+
+    /opt/vllm-venv/bin/python benchmarks/vllm_throughput.py --model /tmp/smollm2-hf \
+        --input-len 128 --output-len 128 --num-prompts 64 --seed 0 \
+        --dtype float32 --output-json /tmp/vllm.json
+
+CPU engine settings may be overridden through the usual environment variables
+(VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU).
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--kv-cache-gib", type=int, default=2,
+                   help="default for VLLM_CPU_KVCACHE_SPACE if unset")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="disable torch.compile (faster startup)")
+    p.add_argument("--output-json", default=None)
+    return p.parse_args()
+
+
+def make_prompts(vocab_size, input_len, num_prompts, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(input_len)]
+            for _ in range(num_prompts)]
+
+
+def main():
+    args = parse_args()
+    # Must be set before vllm reads its environment.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    with open(os.path.join(args.model, "config.json")) as f:
+        vocab_size = json.load(f)["vocab_size"]
+    prompts = make_prompts(vocab_size, args.input_len, args.num_prompts, args.seed)
+
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=max(args.max_model_len, args.input_len + args.output_len),
+        max_num_seqs=max(64, args.num_prompts),
+        enforce_eager=args.enforce_eager,
+    )
+
+    def run(token_ids, max_tokens):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens,
+                                ignore_eos=True, detokenize=False)
+        inputs = [{"prompt_token_ids": ids} for ids in token_ids]
+        return llm.generate(inputs, params, use_tqdm=False)
+
+    run(prompts[:2], 4)  # warmup
+
+    start = time.perf_counter()
+    outputs = run(prompts, args.output_len)
+    elapsed = time.perf_counter() - start
+
+    num_output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    tok_per_s = num_output_tokens / elapsed
+    print(f"vllm output tokens/s: {tok_per_s:.2f}")
+
+    if args.output_json:
+        result = {
+            "output_tokens_per_s": tok_per_s,
+            "elapsed_s": elapsed,
+            "num_output_tokens": num_output_tokens,
+            "vllm_version": vllm.__version__,
+        }
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

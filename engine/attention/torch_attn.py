@@ -1,0 +1,61 @@
+"""The plain-torch attention backend (CPU, and the reference for the Triton one).
+
+Decode rows are handled in one batched SDPA call over their gathered blocks; each prefill
+span gets its own call (few per step under the token budget).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tandem.engine.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, layer_idx, q, k, v, kv_cache, meta: AttentionMetadata, scale):
+        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        # rows: [num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim]
+        rows = kv_cache.view(num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim)
+        k_row = (meta.slot_block * num_layers + layer_idx) * 2
+        rows[k_row, meta.slot_offset] = k
+        rows[k_row + 1, meta.slot_offset] = v
+
+        num_heads = q.shape[1]
+        group = num_heads // num_kv_heads
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            block_rows = (meta.decode_block_tables * num_layers + layer_idx) * 2
+            # keys/values: [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
+            keys = _gather(rows, block_rows, nd)
+            values = _gather(rows, block_rows + 1, nd)
+            # The group's query heads share one kv head: fold them into the query axis.
+            qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.decode_mask, scale=scale)
+            out[:nd] = o.reshape(nd, num_heads, head_dim)
+        for span in meta.prefills:
+            sl = slice(span.query_start, span.query_start + span.query_len)
+            qs = q[sl].transpose(0, 1)  # [num_heads, query_len, head_dim]
+            if span.mask is None:  # the whole context is this chunk: no gather needed
+                ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+            else:
+                block_rows = (span.block_ids[None] * num_layers + layer_idx) * 2
+                ks = _gather(rows, block_rows, 1)[0, :, : span.context_len]
+                vs = _gather(rows, block_rows + 1, 1)[0, :, : span.context_len]
+            if group > 1:
+                ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=span.mask, is_causal=span.mask is None, scale=scale
+            )
+            out[sl] = o.transpose(0, 1)
+        return out
+
+
+def _gather(rows: torch.Tensor, block_rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Blocks ``block_rows`` [batch, n] -> [batch, num_kv_heads, n * block_size, head_dim]."""
+    _, block_size, num_kv_heads, head_dim = rows.shape
+    picked = rows.index_select(0, block_rows.reshape(-1))
+    return picked.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)

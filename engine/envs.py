@@ -1,0 +1,30 @@
+"""The one typed registry of environment variables; every name has the TANDEM_ prefix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _get(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def cache_dir() -> Path:
+    """TANDEM_CACHE_DIR: where converted models live (default ~/.cache/tandem)."""
+    return Path(_get("TANDEM_CACHE_DIR", str(Path.home() / ".cache" / "tandem")))
+
+
+def max_n() -> int:
+    """TANDEM_MAX_N: the largest ``n`` a request may ask for (default 16)."""
+    return int(_get("TANDEM_MAX_N", "16"))
+
+
+def max_logprobs() -> int:
+    """TANDEM_MAX_LOGPROBS: the most logprobs a request may ask for (default 20)."""
+    return int(_get("TANDEM_MAX_LOGPROBS", "20"))
+
+
+def max_stop_strings() -> int:
+    """TANDEM_MAX_STOP_STRINGS: the most stop strings per request (default 16)."""
+    return int(_get("TANDEM_MAX_STOP_STRINGS", "16"))

@@ -1,0 +1,162 @@
+"""The model runner: loads the model, owns the KV cache, runs one step.
+
+Per step: apply the scheduler's diff to its request states, build the flat batch, run
+the model, sample, and return tokens (plus logprobs and finished KV transfers).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tandem.engine.attention import create_attention_backend
+from tandem.engine.config import EngineConfig, parse_size
+from tandem.engine.input_builder import (
+    RequestState,
+    StepInputs,
+    build_sampling_metadata,
+    build_step_inputs,
+)
+from tandem.engine.model_loader import iter_weights, resolve_dtype
+from tandem.engine.models import get_model_class
+from tandem.engine.outputs import Logprob, PositionLogprobs
+from tandem.engine.sampler import Sampler, gather_logprobs
+from tandem.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from tandem.kvtransfer.base import KVConnectorWorker
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir, hf_config,
+                 connector: KVConnectorWorker | None = None, device: str = "cpu") -> None:  # fmt: skip
+        self.config, self.hf_config, self.device = config, hf_config, device
+        self.block_size = config.cache.block_size
+        self.dtype = resolve_dtype(config.model.dtype, hf_config)
+        self.model = self._load_model(model_dir)
+        self.kv_cache = self._allocate_kv_cache()
+        self.connector = connector
+        if connector is not None:
+            connector.register_kv_cache(self.kv_cache)
+        self.sampler = Sampler()
+        self.states: dict[str, RequestState] = {}
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self.last_forward_seconds = 0.0  # the model forward of the last step
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache.shape[0]
+
+    def _load_model(self, model_dir) -> torch.nn.Module:
+        model_cls = get_model_class(getattr(self.hf_config, "architectures", None))
+        backend = create_attention_backend(self.config.model.attention_backend, self.device)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_cls(self.hf_config, backend)
+        finally:
+            torch.set_default_dtype(previous)
+        loaded = model.load_weights(iter_weights(model_dir))
+        tied = {n for n, p in model.named_parameters() if p is model.get_parameter("lm_head.weight")}
+        missing = {n for n, _ in model.named_parameters()} - loaded - tied
+        if missing:
+            raise ValueError(f"{model_dir}: checkpoint lacks weights {sorted(missing)[:5]}")
+        return model.eval()
+
+    def kv_block_bytes(self) -> int:
+        cfg, bs = self.hf_config, self.block_size
+        attn = self.model.model.layers[0].self_attn
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return cfg.num_hidden_layers * 2 * bs * attn.num_kv_heads * attn.head_dim * elem
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        cache = self.config.cache
+        num_blocks = cache.num_kv_blocks or parse_size(cache.kv_cache_memory) // self.kv_block_bytes()
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory {cache.kv_cache_memory!r} holds fewer than 2 blocks")
+        attn = self.model.model.layers[0].self_attn
+        shape = (num_blocks, self.hf_config.num_hidden_layers, 2, self.block_size,
+                 attn.num_kv_heads, attn.head_dim)  # fmt: skip
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- one step -------------------------------------------------------------------------
+    def _apply_diff(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_request_ids:
+            self.states.pop(rid, None)
+        for new in out.new_requests:
+            p = new.sampling_params
+            gen = None if p.seed is None else torch.Generator().manual_seed(p.seed)
+            self.states[new.request_id] = RequestState(
+                new.request_id, list(new.token_ids), new.num_prompt_tokens, p,
+                list(new.block_ids), new.num_computed_tokens, gen,
+            )  # fmt: skip
+        for cached in out.cached_requests:
+            state = self.states[cached.request_id]
+            state.block_ids += cached.new_block_ids
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self._apply_diff(out)
+        if self.connector is not None and out.connector_meta is not None:
+            self.connector.start_load_kv(out.connector_meta)
+        result = ModelRunnerOutput()
+        self.last_forward_seconds = 0.0
+        if out.total_num_scheduled_tokens:
+            batch = [(self.states[rid], n) for rid, n in out.num_scheduled_tokens.items()]
+            inputs = build_step_inputs(batch, self.block_size)
+            start = time.perf_counter()
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+            self.last_forward_seconds = time.perf_counter() - start
+            self._sample(inputs, hidden, result)
+            self._prompt_logprobs(inputs, hidden, result)
+            for state, n in inputs.order:
+                state.num_computed_tokens += n
+        if self.connector is not None:
+            result.finished_transfers = self.connector.get_finished()
+        return result
+
+    def _sample(self, inputs: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
+        if not inputs.sample_rows:
+            return
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_reqs, vocab]
+        meta = build_sampling_metadata(inputs.sample_states, self.eos_token_ids)
+        sampled = self.sampler(logits, meta)
+        tokens = sampled.sampled_token_ids.tolist()
+        for row, (state, token) in enumerate(zip(inputs.sample_states, tokens)):
+            state.token_ids.append(token)
+            result.sampled_token_ids[state.request_id] = token
+            k = state.params.logprobs
+            if k is not None and sampled.logprobs is not None:
+                ids = sampled.logprob_token_ids[row, : k + 1].tolist()
+                lps = sampled.logprobs[row, : k + 1].tolist()
+                rank = int(sampled.sampled_token_ranks[row])
+                result.logprobs[state.request_id] = _position_logprobs(ids, lps, rank)
+
+    def _prompt_logprobs(self, inputs: StepInputs, hidden, result: ModelRunnerOutput) -> None:
+        row = 0
+        for state, n in inputs.order:
+            k, start = state.params.prompt_logprobs, state.num_computed_tokens
+            if k is not None and start < state.num_prompt_tokens:
+                # position p's logits score prompt token p + 1
+                count = min(start + n, state.num_prompt_tokens - 1) - start
+                entries: list[PositionLogprobs | None] = [None] if start == 0 else []
+                if count > 0:
+                    logits = self.model.compute_logits(hidden[row : row + count])
+                    targets = torch.tensor(state.token_ids[start + 1 : start + 1 + count])
+                    ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, -1), targets, k)
+                    for i in range(count):
+                        entries.append(_position_logprobs(ids[i].tolist(), lps[i].tolist(), int(ranks[i])))
+                result.prompt_logprobs[state.request_id] = entries
+            row += n
+
+
+def _position_logprobs(ids: list[int], lps: list[float], rank: int) -> PositionLogprobs:
+    """The chosen token (first) with its rank, then the top-k with ranks 1..k."""
+    entries = {ids[0]: Logprob(lps[0], rank)}
+    for j, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+        entries.setdefault(tid, Logprob(lp, j))
+    return entries

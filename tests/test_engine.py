@@ -1,0 +1,177 @@
+"""Engine behaviour on the real default model (SmolLM2-135M-Instruct, float32)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.async_llm import AsyncLLM
+from tandem.engine.kv_events import BlockStored
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea:",
+    "def fibonacci(n):",
+    "List three colors:",
+]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(dtype="float32", kv_cache_memory="256MiB", max_num_seqs=16)
+
+
+def assert_pool_idle(llm: LLM) -> None:
+    kv = llm.engine.scheduler.kv
+    kv.check_integrity()
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks, "leaked KV blocks"
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_generate_accepts_text_lists_and_token_ids(llm):
+    params = SamplingParams(temperature=0, max_tokens=8)
+    by_text = llm.generate(PROMPTS[0], params, use_tqdm=False)
+    ids = llm.get_tokenizer()(PROMPTS[0]).input_ids
+    by_ids = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+    assert by_text[0].outputs[0].token_ids == by_ids[0].outputs[0].token_ids
+    assert by_text[0].prompt == PROMPTS[0] and by_text[0].prompt_token_ids == ids
+    out = by_text[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 8 and out.text
+    assert_pool_idle(llm)
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "What is 2+2?"}],
+                   SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]  # fmt: skip
+    assert "<|im_start|>assistant" in out.prompt
+    assert out.prompt_token_ids.count(1) == out.prompt.count("<|im_start|>")  # no doubled specials
+    assert out.outputs[0].text.strip()
+
+
+def test_n_samples_share_prompt_blocks_and_differ():
+    llm = LLM(dtype="float32", kv_cache_memory="64MiB", enable_prefix_caching=False)
+    prompt = {"prompt_token_ids": list(range(1000, 1100))}  # 100 tokens: 6 full blocks
+    engine = llm.engine
+    engine.add_request("r", prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8))
+    peak = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        peak = max(peak, engine.scheduler.kv.pool.num_blocks - engine.scheduler.kv.pool.num_free_blocks)
+    (final,) = [o for o in outputs if o.finished]
+    assert len(final.outputs) == 4 and [c.index for c in final.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in final.outputs}) > 1
+    # copied prompts would need 4 x 7 blocks; shared ones need 6 + 4 x 1
+    assert peak <= 6 + 4 * 1, peak
+    assert_pool_idle(llm)
+
+
+def test_seeded_request_is_independent_of_the_batch(llm):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12)
+    alone = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=12)] * 3
+    batch = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+                         [others[0], seeded, others[1], others[2]], use_tqdm=False)  # fmt: skip
+    assert batch[1].outputs[0].token_ids == alone
+
+
+def test_stop_strings_do_not_leak_unless_asked(llm):
+    greedy = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16),
+                          use_tqdm=False)[0].outputs[0].text  # fmt: skip
+    stop = greedy.strip().split()[1]  # a word from the middle of the greedy text
+    cut = llm.generate("The capital of France is",
+                       SamplingParams(temperature=0, max_tokens=16, stop=[stop]), use_tqdm=False)  # fmt: skip
+    out = cut[0].outputs[0]
+    assert stop not in out.text and greedy.startswith(out.text)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    kept = llm.generate("The capital of France is", SamplingParams(
+        temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=True), use_tqdm=False)
+    assert kept[0].outputs[0].text.endswith(stop)
+    assert_pool_idle(llm)
+
+
+def test_logprobs_and_prompt_logprobs(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                  prompt_logprobs=2), use_tqdm=False)[0]  # fmt: skip
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 4
+    for token, position in zip(comp.token_ids, comp.logprobs):
+        assert position[token].rank == 1  # greedy picks the top token
+        assert 3 <= len(position) <= 4 and all(lp.logprob <= 0 for lp in position.values())
+    assert comp.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(comp.token_ids, comp.logprobs)))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    for token, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+        assert token in position
+
+
+def test_abort_at_any_time_returns_every_block(llm):
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"abort-{i}", prompt, SamplingParams(max_tokens=50))
+    engine.abort_request("abort-0")  # before any step
+    engine.step()
+    engine.abort_request("abort-1")  # after its prefill
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("abort-2")
+    engine.abort_request("abort-3")
+    engine.abort_request("never-existed")
+    engine.step()
+    assert_pool_idle(llm)
+
+
+def test_prefix_cache_reports_cached_tokens_and_events(llm):
+    events = []
+    llm.engine.subscribe_kv_events(events.extend)
+    prompt = {"prompt_token_ids": list(range(2000, 2040))}
+    first = llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    second = llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 32
+    stored = [e for e in events if isinstance(e, BlockStored)]
+    assert stored and stored[0].token_ids[:16] == list(range(2000, 2016))
+
+
+def test_bad_input_raises_naming_the_field(llm):
+    for kwargs, field in [({"n": 0}, "n"), ({"temperature": -1}, "temperature"),
+                          ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+                          ({"logprobs": 1000}, "logprobs"), ({"n": 1000}, "n"),
+                          ({"stop": [""]}, "stop"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [5] * (llm.engine.runtime.max_model_len + 1)}, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
+    with pytest.raises(TypeError, match="block_sise"):
+        LLM(block_sise=16)
+    assert_pool_idle(llm)
+
+
+def test_async_engine_streams_deltas_and_aborts():
+    engine = AsyncLLM.from_options(dtype="float32", kv_cache_memory="64MiB")
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=10)
+        deltas = [o async for o in engine.generate(PROMPTS[0], params, "a")]
+        assert deltas[-1].finished and sum(len(d.outputs[0].token_ids) for d in deltas) == 10
+        text = "".join(d.outputs[0].text for d in deltas)
+        async for out in engine.generate(PROMPTS[1], SamplingParams(max_tokens=200), "b"):
+            break  # leaving the stream aborts the request
+        with pytest.raises(ValueError, match="temperature|prompt"):
+            async for _ in engine.generate({"prompt_token_ids": []}, SamplingParams(), "c"):
+                pass
+        for _ in range(50):
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.05)
+        return text
+
+    text = asyncio.run(main())
+    offline = engine.engine  # same weights, greedy: same text as the offline API would give
+    assert text and not offline.has_unfinished_requests()
+    kv = offline.scheduler.kv
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks
+    engine.shutdown()
