@@ -24,10 +24,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", choices=("hf", "none"), default="hf")
     parser.add_argument("--hf-static-batch-size", type=int, default=16)
     parser.add_argument(
-        "--hf-sequential-prompts", type=int, default=8,
+        "--hf-sequential-prompts",
+        type=int,
+        default=8,
         help="Prompts run one at a time through transformers; its rate is per request, "
         "so a subset measures it (all prompts would take minutes).",
-    )  # fmt: skip
+    )
     parser.add_argument("--output-json", default=None)
 
 
@@ -44,8 +46,11 @@ def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:
     options.setdefault("dtype", "float32")
     llm = LLM(**options)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
-                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # fmt: skip
+    llm.generate(
+        [{"prompt_token_ids": p} for p in prompts[:2]],
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
+    )
     llm.engine.timing.__init__()  # count the timed run only
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -53,17 +58,25 @@ def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     timing = llm.engine.timing
     outside = 1.0 - timing.forward_seconds / timing.step_seconds
-    return {"output_tokens_per_s": num_tokens / elapsed, "elapsed_s": elapsed,
-            "num_output_tokens": num_tokens, "share_outside_forward": outside,
-            "model_dir": str(llm.engine.model_dir)}  # fmt: skip
+    return {
+        "output_tokens_per_s": num_tokens / elapsed,
+        "elapsed_s": elapsed,
+        "num_output_tokens": num_tokens,
+        "share_outside_forward": outside,
+        "model_dir": str(llm.engine.model_dir),
+    }
 
 
 def _hf_generate(model, batch: list[list[int]], output_len: int) -> int:
     ids = torch.tensor(batch)
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=output_len,
-        min_new_tokens=output_len, pad_token_id=0,
-    )  # fmt: skip
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        pad_token_id=0,
+    )
     return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
 
@@ -80,8 +93,10 @@ def run_hf(model_dir: str, prompts: list[list[int]], args) -> dict:
         results["hf_sequential"] = tokens / (time.perf_counter() - start)
         bs = args.hf_static_batch_size
         start = time.perf_counter()
-        tokens = sum(_hf_generate(model, prompts[i : i + bs], args.output_len)
-                     for i in range(0, len(prompts), bs))  # fmt: skip
+        tokens = sum(
+            _hf_generate(model, prompts[i : i + bs], args.output_len)
+            for i in range(0, len(prompts), bs)
+        )
         results["hf_static"] = tokens / (time.perf_counter() - start)
     return results
 
@@ -96,25 +111,31 @@ def main(args: argparse.Namespace) -> int:
     prompts = random_prompts(vocab_size, args.input_len, args.num_prompts, args.seed)
     options = engine_options(args)  # --seed seeds both the prompts and the engine
     tandem = run_tandem(args, options, prompts)
-    report = {"workload": {"input_len": args.input_len, "output_len": args.output_len,
-                           "num_prompts": args.num_prompts, "threads": torch.get_num_threads()},
-              "tandem": tandem}  # fmt: skip
-    print(f"\nWorkload: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
-          f"greedy, EOS ignored, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'system':<34}{'output tok/s':>14}")
-    print(f"{'tandem':<34}{tandem['output_tokens_per_s']:>14.1f}")
+    report = {
+        "workload": {"input_len": args.input_len, "output_len": args.output_len,
+                     "num_prompts": args.num_prompts, "threads": torch.get_num_threads()},
+        "tandem": tandem,
+    }  # fmt: skip
+    rows = [("tandem", tandem["output_tokens_per_s"])]
     if args.baseline == "hf":
         hf = run_hf(str(model_dir), prompts, args)
         report["hf_sequential_output_tokens_per_s"] = hf["hf_sequential"]
         report["hf_static_output_tokens_per_s"] = hf["hf_static"]
         report["ratio_vs_hf_sequential"] = tandem["output_tokens_per_s"] / hf["hf_sequential"]
         report["ratio_vs_hf_static"] = tandem["output_tokens_per_s"] / hf["hf_static"]
-        seq_label = f"transformers sequential ({args.hf_sequential_prompts} prompts)"
-        print(f"{seq_label:<34}{hf['hf_sequential']:>14.1f}")
-        print(f"{'transformers static batch ' + str(args.hf_static_batch_size):<34}{hf['hf_static']:>14.1f}")
-        print(f"ratio vs transformers sequential: {report['ratio_vs_hf_sequential']:.2f}x")
-        print(f"ratio vs transformers static:     {report['ratio_vs_hf_static']:.2f}x")
-    print(f"share of Tandem step time outside the model forward: {tandem['share_outside_forward']:.1%}")
+        rows.append((f"transformers sequential ({args.hf_sequential_prompts} prompts)",
+                     hf["hf_sequential"]))  # fmt: skip
+        rows.append((f"transformers static batch {args.hf_static_batch_size}", hf["hf_static"]))
+    print(f"\nWorkload: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
+          f"greedy, EOS ignored, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'system':<40}{'output tok/s':>14}")
+    for label, value in rows:
+        print(f"{label:<40}{value:>14.1f}")
+    for key in ("ratio_vs_hf_sequential", "ratio_vs_hf_static"):
+        if key in report:
+            print(f"{key:<40}{report[key]:>13.2f}x")
+    share = tandem["share_outside_forward"]
+    print(f"share of Tandem step time outside the model forward: {share:.1%}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)

@@ -26,7 +26,8 @@ class KVCacheBlock:
         self.next_free: KVCacheBlock | None = None
 
     def __repr__(self) -> str:
-        return f"KVCacheBlock(id={self.block_id}, ref={self.ref_cnt}, cached={self.block_hash is not None})"
+        cached = self.block_hash is not None
+        return f"KVCacheBlock(id={self.block_id}, ref={self.ref_cnt}, cached={cached})"
 
 
 class FreeBlockQueue:
@@ -87,7 +88,9 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_cached_block(self, block_hash: BlockHash, token_ids: Sequence[int]) -> KVCacheBlock | None:
+    def get_cached_block(
+        self, block_hash: BlockHash, token_ids: Sequence[int]
+    ) -> KVCacheBlock | None:
         block = self.cached.get(block_hash)
         if block is None or block.token_ids != tuple(token_ids):
             return None  # a hash collision is a miss, never a wrong answer

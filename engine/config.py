@@ -63,9 +63,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = doc(16, "Tokens per KV-cache block.")
     kv_cache_memory: str = doc("1GiB", "Memory for the KV cache, e.g. '2GiB'.")
-    num_kv_blocks: int | None = doc(
-        None, "Number of KV-cache blocks; overrides --kv-cache-memory."
-    )
+    num_kv_blocks: int | None = doc(None, "Number of KV-cache blocks; overrides --kv-cache-memory.")
     enable_prefix_caching: bool = doc(True, "Reuse KV blocks of identical prompt prefixes.")
 
 
@@ -153,9 +151,7 @@ class EngineConfig:
         if s.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {s.max_num_seqs}")
         if s.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {s.max_num_batched_tokens}"
-            )
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {s.max_num_batched_tokens}")
         if s.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {s.role!r}")
         if s.role != "both" and self.transfer.kv_connector is None:

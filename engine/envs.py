@@ -28,3 +28,8 @@ def max_logprobs() -> int:
 def max_stop_strings() -> int:
     """TANDEM_MAX_STOP_STRINGS: the most stop strings per request (default 16)."""
     return int(_get("TANDEM_MAX_STOP_STRINGS", "16"))
+
+
+def cpu_packed_linear() -> bool:
+    """TANDEM_CPU_PACKED_LINEAR: run CPU linear layers on oneDNN with packed weights (default 1)."""
+    return _get("TANDEM_CPU_PACKED_LINEAR", "1") not in ("0", "false", "no")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from tandem.engine.attention import AttentionMetadata, PrefillSpan
 from tandem.engine.sampler import SamplingMetadata
 from tandem.engine.sampling_params import SamplingParams
@@ -81,9 +80,13 @@ def build_step_inputs(states: list[tuple[RequestState, int]], block_size: int) -
         prefills=spans,
     )
     return StepInputs(
-        torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-        meta, order, sample_rows, sample_states,
-    )  # fmt: skip
+        torch.tensor(input_ids, dtype=torch.int64),
+        torch.tensor(positions, dtype=torch.int64),
+        meta,
+        order,
+        sample_rows,
+        sample_states,
+    )
 
 
 def _prefill_span(state: RequestState, row: int, n: int, block_size: int) -> PrefillSpan:
@@ -131,7 +134,11 @@ def build_sampling_metadata(
         max_num_logprobs=max(logprob_counts) if logprob_counts else None,
         **penalties,
         # Token lists cost a copy per row per step: only built when a penalty needs them.
-        prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states] if need_tokens else [],
-        output_token_ids=[s.token_ids[s.num_prompt_tokens :] for s in states] if need_tokens else [],
+        prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states]
+        if need_tokens
+        else [],
+        output_token_ids=[s.token_ids[s.num_prompt_tokens :] for s in states]
+        if need_tokens
+        else [],
         min_tokens_banned=banned,
     )

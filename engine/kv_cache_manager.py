@@ -84,9 +84,12 @@ class KVCacheManager:
         num_cached = self.num_cached_blocks.get(rid, 0)
         if num_full > num_cached:
             self.pool.cache_full_blocks(
-                self.req_to_blocks[rid], request.block_hashes, request.all_token_ids,
-                num_cached, num_full,
-            )  # fmt: skip
+                self.req_to_blocks[rid],
+                request.block_hashes,
+                request.all_token_ids,
+                num_cached,
+                num_full,
+            )
             self.num_cached_blocks[rid] = num_full
 
     def free(self, request: Request) -> None:
@@ -115,6 +118,7 @@ class KVCacheManager:
             for block in blocks:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
         for block in self.pool.blocks:
-            assert block.ref_cnt == refs.get(block.block_id, 0), (
-                f"block {block.block_id}: ref_cnt {block.ref_cnt} but held {refs.get(block.block_id, 0)} times"
+            held = refs.get(block.block_id, 0)
+            assert block.ref_cnt == held, (
+                f"block {block.block_id}: ref_cnt {block.ref_cnt}, held {held}"
             )

@@ -6,12 +6,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm import tqdm
-
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import RequestOutputKind, SamplingParams
+from tqdm import tqdm
 
 
 class LLM:
@@ -66,9 +65,11 @@ class LLM:
         prompts = []
         for conversation in conversations:
             text = self.engine.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template,
-            )  # fmt: skip
+            )
             # The template already holds any special tokens; don't add them twice.
             token_ids = self.engine.tokenizer(text, add_special_tokens=False).input_ids
             prompts.append({"prompt": text, "prompt_token_ids": token_ids})

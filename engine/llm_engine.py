@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from tandem.engine.config import EngineConfig, EngineRuntime
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.kv_events import KVCacheEvent
@@ -60,9 +59,11 @@ class LLMEngine:
         connector_sched = connector_worker = None
         if config.transfer.kv_connector:
             connector_sched, connector_worker = create_connector(
-                config.transfer.kv_connector, self.engine_id, config.scheduler.role,
+                config.transfer.kv_connector,
+                self.engine_id,
+                config.scheduler.role,
                 config.cache.block_size,
-            )  # fmt: skip
+            )
         self.runner = ModelRunner(config, self.model_dir, hf_config, connector_worker)
         capacity = self.runner.num_kv_blocks * config.cache.block_size
         max_len = config.model.max_model_len or hf_config.max_position_embeddings
@@ -119,17 +120,26 @@ class LLMEngine:
             engine_id = request_id if params.n == 1 else f"{index}_{request_id}"
             child = params if params.n == 1 else params.child(index)
             owner = requests[0] if requests else None  # siblings share sample 0's prompt KV
-            requests.append(Request(
-                engine_id, token_ids, child, max_model_len=self.runtime.max_model_len,
-                block_size=self.config.cache.block_size, cache_salt=salt,
-                output_token_ids=output_token_ids, kv_transfer_params=kv_transfer_params,
-                prompt_owner=owner,
-            ))  # fmt: skip
+            requests.append(
+                Request(
+                    engine_id,
+                    token_ids,
+                    child,
+                    max_model_len=self.runtime.max_model_len,
+                    block_size=self.config.cache.block_size,
+                    cache_salt=salt,
+                    output_token_ids=output_token_ids,
+                    kv_transfer_params=kv_transfer_params,
+                    prompt_owner=owner,
+                )
+            )
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, child)
             if output_token_ids:
                 detok.update(list(output_token_ids))
             samples[engine_id] = SampleState(index, detok, list(output_token_ids or []))
-        self.output_processor.add_request(UserRequestState(request_id, text, token_ids, params, samples))
+        self.output_processor.add_request(
+            UserRequestState(request_id, text, token_ids, params, samples)
+        )
         for request in requests:
             self.scheduler.add_request(request)
         return request_id

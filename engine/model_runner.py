@@ -10,7 +10,7 @@ import logging
 import time
 
 import torch
-
+from tandem.engine import envs
 from tandem.engine.attention import create_attention_backend
 from tandem.engine.config import EngineConfig, parse_size
 from tandem.engine.input_builder import (
@@ -21,6 +21,7 @@ from tandem.engine.input_builder import (
 )
 from tandem.engine.model_loader import iter_weights, resolve_dtype
 from tandem.engine.models import get_model_class
+from tandem.engine.models.cpu_linear import can_pack, pack_linear_layers
 from tandem.engine.outputs import Logprob, PositionLogprobs
 from tandem.engine.sampler import Sampler, gather_logprobs
 from tandem.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -30,8 +31,14 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir, hf_config,
-                 connector: KVConnectorWorker | None = None, device: str = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir,
+        hf_config,
+        connector: KVConnectorWorker | None = None,
+        device: str = "cpu",
+    ) -> None:
         self.config, self.hf_config, self.device = config, hf_config, device
         self.block_size = config.cache.block_size
         self.dtype = resolve_dtype(config.model.dtype, hf_config)
@@ -60,10 +67,14 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         loaded = model.load_weights(iter_weights(model_dir))
-        tied = {n for n, p in model.named_parameters() if p is model.get_parameter("lm_head.weight")}
+        tied = {
+            n for n, p in model.named_parameters() if p is model.get_parameter("lm_head.weight")
+        }
         missing = {n for n, _ in model.named_parameters()} - loaded - tied
         if missing:
             raise ValueError(f"{model_dir}: checkpoint lacks weights {sorted(missing)[:5]}")
+        if envs.cpu_packed_linear() and can_pack(model):
+            pack_linear_layers(model, batch_hint=self.config.scheduler.max_num_seqs)
         return model.eval()
 
     def kv_block_bytes(self) -> int:
@@ -74,12 +85,20 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> torch.Tensor:
         cache = self.config.cache
-        num_blocks = cache.num_kv_blocks or parse_size(cache.kv_cache_memory) // self.kv_block_bytes()
+        num_blocks = (
+            cache.num_kv_blocks or parse_size(cache.kv_cache_memory) // self.kv_block_bytes()
+        )
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory {cache.kv_cache_memory!r} holds fewer than 2 blocks")
         attn = self.model.model.layers[0].self_attn
-        shape = (num_blocks, self.hf_config.num_hidden_layers, 2, self.block_size,
-                 attn.num_kv_heads, attn.head_dim)  # fmt: skip
+        shape = (
+            num_blocks,
+            self.hf_config.num_hidden_layers,
+            2,
+            self.block_size,
+            attn.num_kv_heads,
+            attn.head_dim,
+        )
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # -- one step -------------------------------------------------------------------------
@@ -90,9 +109,14 @@ class ModelRunner:
             p = new.sampling_params
             gen = None if p.seed is None else torch.Generator().manual_seed(p.seed)
             self.states[new.request_id] = RequestState(
-                new.request_id, list(new.token_ids), new.num_prompt_tokens, p,
-                list(new.block_ids), new.num_computed_tokens, gen,
-            )  # fmt: skip
+                new.request_id,
+                list(new.token_ids),
+                new.num_prompt_tokens,
+                p,
+                list(new.block_ids),
+                new.num_computed_tokens,
+                gen,
+            )
         for cached in out.cached_requests:
             state = self.states[cached.request_id]
             state.block_ids += cached.new_block_ids
@@ -149,7 +173,9 @@ class ModelRunner:
                     targets = torch.tensor(state.token_ids[start + 1 : start + 1 + count])
                     ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, -1), targets, k)
                     for i in range(count):
-                        entries.append(_position_logprobs(ids[i].tolist(), lps[i].tolist(), int(ranks[i])))
+                        entries.append(
+                            _position_logprobs(ids[i].tolist(), lps[i].tolist(), int(ranks[i]))
+                        )
                 result.prompt_logprobs[state.request_id] = entries
             row += n
 

@@ -57,7 +57,9 @@ class OutputProcessor:
         state = self.requests.get(request_id)
         return list(state.samples) if state else []
 
-    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+    def process(
+        self, core_outputs: list[EngineCoreOutput]
+    ) -> tuple[list[RequestOutput], list[str]]:
         """(outputs to hand out, engine request ids a stop string finished)."""
         stopped: list[str] = []
         touched: dict[str, UserRequestState] = {}
@@ -71,7 +73,9 @@ class OutputProcessor:
             user.kv_transfer_params = out.kv_transfer_params or user.kv_transfer_params
             user.error = out.error or user.error
             if out.new_prompt_logprobs is not None and sample.index == 0:
-                user.prompt_logprobs = (user.prompt_logprobs or []) + self._decoded(out.new_prompt_logprobs)
+                user.prompt_logprobs = (user.prompt_logprobs or []) + self._decoded(
+                    out.new_prompt_logprobs
+                )
             if self._update_sample(user, sample, out):
                 stopped.append(out.request_id)
             touched[user_id] = user
@@ -94,13 +98,17 @@ class OutputProcessor:
         self._forget(request_id)
         return output
 
-    def _update_sample(self, user: UserRequestState, sample: SampleState, out: EngineCoreOutput) -> bool:
+    def _update_sample(
+        self, user: UserRequestState, sample: SampleState, out: EngineCoreOutput
+    ) -> bool:
         """Apply one step's news to a sample; True when a stop string finished it."""
         sample.token_ids += out.new_token_ids
         if out.new_logprobs is not None:
             sample.logprobs = (sample.logprobs or []) + self._decoded(out.new_logprobs)
             for token, position in zip(out.new_token_ids, out.new_logprobs):
-                sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + position[token].logprob
+                sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + position[
+                    token
+                ].logprob
         stop_string = None
         if sample.detokenizer is not None and out.new_token_ids:
             stop_string = sample.detokenizer.update(out.new_token_ids)
@@ -115,11 +123,14 @@ class OutputProcessor:
         if self.tokenizer is None:
             return positions
         return [
-            None if p is None else {
-                tid: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([tid])) for tid, lp in p.items()
+            None
+            if p is None
+            else {
+                tid: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([tid]))
+                for tid, lp in p.items()
             }
             for p in positions
-        ]  # fmt: skip
+        ]
 
     def _make_output(self, user: UserRequestState) -> RequestOutput | None:
         kind = user.params.output_kind
@@ -130,19 +141,37 @@ class OutputProcessor:
         completions = []
         for sample in sorted(user.samples.values(), key=lambda s: s.index):
             done = sample.finish_reason is not None
-            text = sample.detokenizer.get_next_output_text(done, delta) if sample.detokenizer else ""
+            text = (
+                sample.detokenizer.get_next_output_text(done, delta) if sample.detokenizer else ""
+            )
             start = sample.num_sent_tokens if delta else 0
             logprobs = sample.logprobs[start:] if sample.logprobs is not None else None
-            completions.append(CompletionOutput(sample.index, text, sample.token_ids[start:],
-                                                sample.cumulative_logprob, logprobs,
-                                                sample.finish_reason, sample.stop_reason))  # fmt: skip
+            completions.append(
+                CompletionOutput(
+                    sample.index,
+                    text,
+                    sample.token_ids[start:],
+                    sample.cumulative_logprob,
+                    logprobs,
+                    sample.finish_reason,
+                    sample.stop_reason,
+                )
+            )
             sample.num_sent_tokens = len(sample.token_ids)
         prompt_logprobs = user.prompt_logprobs
         if delta:
             user.prompt_logprobs = None  # sent once
-        return RequestOutput(user.request_id, user.prompt, user.prompt_token_ids, prompt_logprobs,
-                             completions, finished, user.num_cached_tokens,
-                             user.kv_transfer_params, {"error": user.error} if user.error else {})  # fmt: skip
+        return RequestOutput(
+            user.request_id,
+            user.prompt,
+            user.prompt_token_ids,
+            prompt_logprobs,
+            completions,
+            finished,
+            user.num_cached_tokens,
+            user.kv_transfer_params,
+            {"error": user.error} if user.error else {},
+        )
 
     def _forget(self, request_id: str) -> None:
         user = self.requests.pop(request_id, None)

@@ -97,7 +97,9 @@ class SamplingParams:
             raise bad("stop", f"may hold at most {envs.max_stop_strings()} strings")
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
-                raise bad("stop", f"must hold non-empty strings of <= {MAX_STOP_STRING_CHARS} chars")
+                raise bad(
+                    "stop", f"must hold non-empty strings of <= {MAX_STOP_STRING_CHARS} chars"
+                )
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must hold non-negative integers")
 

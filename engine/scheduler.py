@@ -93,7 +93,9 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
             block_ids = [b.block_id for b in new_blocks]
-            cached.append(CachedRequestData(request.request_id, block_ids, request.num_computed_tokens))
+            cached.append(
+                CachedRequestData(request.request_id, block_ids, request.num_computed_tokens)
+            )
             index += 1
         new = [] if preempted else self._schedule_waiting(scheduled, budget)
         finished, self.finished_ids = self.finished_ids, set()
@@ -107,8 +109,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             request = self.waiting.popleft()
             owner = request.prompt_owner
-            if owner is not None and not owner.status.finished and (
-                owner.num_computed_tokens < owner.num_prompt_tokens
+            if (
+                owner is not None
+                and not owner.status.finished
+                and (owner.num_computed_tokens < owner.num_prompt_tokens)
             ):
                 skipped.append(request)  # its sibling is still computing the shared prompt
                 continue
@@ -144,8 +148,16 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
             params = request.sampling_params
-            new.append(NewRequestData(request.request_id, list(request.all_token_ids),
-                                      request.num_prompt_tokens, params, block_ids, num_hit))  # fmt: skip
+            new.append(
+                NewRequestData(
+                    request.request_id,
+                    list(request.all_token_ids),
+                    request.num_prompt_tokens,
+                    params,
+                    block_ids,
+                    num_hit,
+                )
+            )
         self.waiting.extendleft(reversed(skipped))
         return new
 
@@ -168,8 +180,13 @@ class Scheduler:
             if not new_tokens and prompt_logprobs is None:
                 continue
             logprobs = model_output.logprobs.get(rid)
-            out = EngineCoreOutput(rid, new_tokens, None if logprobs is None else [logprobs],
-                                   prompt_logprobs, num_cached_tokens=request.num_cached_tokens)  # fmt: skip
+            out = EngineCoreOutput(
+                rid,
+                new_tokens,
+                None if logprobs is None else [logprobs],
+                prompt_logprobs,
+                num_cached_tokens=request.num_cached_tokens,
+            )
             if request.status.finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason

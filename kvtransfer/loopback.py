@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from tandem.kvtransfer.base import (
     FinishedTransfers,
     KVConnectorMetadata,
@@ -63,9 +62,13 @@ class LoopbackConnectorScheduler(KVConnectorScheduler):
         if last > len(params.remote_block_ids) or last > len(block_ids):
             raise ValueError("kv_transfer_params: fewer blocks than num_remote_tokens needs")
         self._pending.append(
-            LoadSpec(request.request_id, params, block_ids[first:last],
-                     params.remote_block_ids[first:last])
-        )  # fmt: skip
+            LoadSpec(
+                request.request_id,
+                params,
+                block_ids[first:last],
+                params.remote_block_ids[first:last],
+            )
+        )
 
     def build_connector_meta(self) -> KVConnectorMetadata:
         loads, self._pending = self._pending, []

@@ -23,14 +23,16 @@ def _field_type(f: dataclasses.Field) -> type:
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:
     """One flag per config field: ``--block-size``, ``--enable-prefix-caching`` ..."""
-    for name, (section, f) in EngineConfig.option_fields().items():
+    for name, (_, f) in EngineConfig.option_fields().items():
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": name}
         kind = _field_type(f)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs
+            )
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
@@ -49,9 +51,11 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", nargs="?", default=None,
+        "model",
+        nargs="?",
+        default=None,
         help=EngineConfig.option_fields()["model"][1].metadata["help"],
-    )  # fmt: skip
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tandem.engine.block_hash import ROOT_HASH, hash_block, hash_block_tokens
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.kv_cache_manager import KVCacheManager
@@ -15,8 +14,14 @@ BS = 4
 
 
 def make_request(rid: str, tokens: list[int], salt: str | None = None) -> Request:
-    return Request(rid, tokens, SamplingParams(max_tokens=8), max_model_len=1000,
-                   block_size=BS, cache_salt=salt)  # fmt: skip
+    return Request(
+        rid,
+        tokens,
+        SamplingParams(max_tokens=8),
+        max_model_len=1000,
+        block_size=BS,
+        cache_salt=salt,
+    )
 
 
 def run_prefill(kv: KVCacheManager, request: Request) -> list[int]:
@@ -36,7 +41,10 @@ def test_hash_chain_covers_parent_tokens_and_salt():
     assert hash_block_tokens(list(range(8)), BS, cache_salt="s")[0] != a[0]
     assert hash_block_tokens([9, 1, 2, 3, 4, 5, 6, 7], BS)[1] != a[1]  # parent changes child
     # continuing from known parents gives the same tail
-    assert hash_block_tokens(list(range(12)), BS, parent_hashes=a) == hash_block_tokens(list(range(12)), BS)[2:]
+    assert (
+        hash_block_tokens(list(range(12)), BS, parent_hashes=a)
+        == hash_block_tokens(list(range(12)), BS)[2:]
+    )
 
 
 def test_free_queue_order_and_eviction_of_lru_cached_blocks():
@@ -139,7 +147,9 @@ def test_reset_prefix_cache_only_when_idle():
     kv.free(a)
     assert kv.pool.reset_prefix_cache()
     assert isinstance(kv.pool.take_events()[-1], AllCleared)
-    assert kv.pool.cached == {} and kv.get_computed_blocks(make_request("b", list(range(5))))[1] == 0
+    assert (
+        kv.pool.cached == {} and kv.get_computed_blocks(make_request("b", list(range(5))))[1] == 0
+    )
     kv.check_integrity()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from tandem.engine.config import CacheConfig, EngineConfig, parse_size
 from tandem.services.cli import build_parser, engine_options
 
@@ -21,12 +20,26 @@ def test_help_comes_from_config_field_docs(capsys):
 
 def test_flags_map_to_engine_options():
     args = build_parser().parse_args(
-        ["generate", "some/model", "--block-size", "32", "--no-enable-prefix-caching",
-         "--kv-cache-memory", "2GiB", "--dtype", "bfloat16"]
-    )  # fmt: skip
+        [
+            "generate",
+            "some/model",
+            "--block-size",
+            "32",
+            "--no-enable-prefix-caching",
+            "--kv-cache-memory",
+            "2GiB",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     options = engine_options(args)
-    assert options == {"model": "some/model", "block_size": 32, "enable_prefix_caching": False,
-                       "kv_cache_memory": "2GiB", "dtype": "bfloat16"}  # fmt: skip
+    assert options == {
+        "model": "some/model",
+        "block_size": 32,
+        "enable_prefix_caching": False,
+        "kv_cache_memory": "2GiB",
+        "dtype": "bfloat16",
+    }
     config = EngineConfig.from_options(**options)
     assert config.cache.block_size == 32 and config.model.model == "some/model"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from tandem.engine import LLM, SamplingParams
 from tandem.engine.async_llm import AsyncLLM
 from tandem.engine.kv_events import BlockStored
@@ -43,8 +42,11 @@ def test_generate_accepts_text_lists_and_token_ids(llm):
 
 
 def test_chat_uses_the_template(llm):
-    out = llm.chat([{"role": "user", "content": "What is 2+2?"}],
-                   SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]  # fmt: skip
+    out = llm.chat(
+        [{"role": "user", "content": "What is 2+2?"}],
+        SamplingParams(temperature=0, max_tokens=16),
+        use_tqdm=False,
+    )[0]
     assert "<|im_start|>assistant" in out.prompt
     assert out.prompt_token_ids.count(1) == out.prompt.count("<|im_start|>")  # no doubled specials
     assert out.outputs[0].text.strip()
@@ -58,7 +60,9 @@ def test_n_samples_share_prompt_blocks_and_differ():
     peak = 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
-        peak = max(peak, engine.scheduler.kv.pool.num_blocks - engine.scheduler.kv.pool.num_free_blocks)
+        peak = max(
+            peak, engine.scheduler.kv.pool.num_blocks - engine.scheduler.kv.pool.num_free_blocks
+        )
     (final,) = [o for o in outputs if o.finished]
     assert len(final.outputs) == 4 and [c.index for c in final.outputs] == [0, 1, 2, 3]
     assert len({tuple(c.token_ids) for c in final.outputs}) > 1
@@ -71,35 +75,54 @@ def test_seeded_request_is_independent_of_the_batch(llm):
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12)
     alone = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
     others = [SamplingParams(temperature=1.0, max_tokens=12)] * 3
-    batch = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
-                         [others[0], seeded, others[1], others[2]], use_tqdm=False)  # fmt: skip
+    batch = llm.generate(
+        [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+        [others[0], seeded, others[1], others[2]],
+        use_tqdm=False,
+    )
     assert batch[1].outputs[0].token_ids == alone
 
 
 def test_stop_strings_do_not_leak_unless_asked(llm):
-    greedy = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16),
-                          use_tqdm=False)[0].outputs[0].text  # fmt: skip
+    greedy = (
+        llm.generate(
+            "The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .text
+    )
     stop = greedy.strip().split()[1]  # a word from the middle of the greedy text
-    cut = llm.generate("The capital of France is",
-                       SamplingParams(temperature=0, max_tokens=16, stop=[stop]), use_tqdm=False)  # fmt: skip
+    cut = llm.generate(
+        "The capital of France is",
+        SamplingParams(temperature=0, max_tokens=16, stop=[stop]),
+        use_tqdm=False,
+    )
     out = cut[0].outputs[0]
     assert stop not in out.text and greedy.startswith(out.text)
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    kept = llm.generate("The capital of France is", SamplingParams(
-        temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=True), use_tqdm=False)
+    kept = llm.generate(
+        "The capital of France is",
+        SamplingParams(temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )
     assert kept[0].outputs[0].text.endswith(stop)
     assert_pool_idle(llm)
 
 
 def test_logprobs_and_prompt_logprobs(llm):
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
-                                                  prompt_logprobs=2), use_tqdm=False)[0]  # fmt: skip
+    out = llm.generate(
+        PROMPTS[0],
+        SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2),
+        use_tqdm=False,
+    )[0]
     comp = out.outputs[0]
     assert len(comp.logprobs) == 4
     for token, position in zip(comp.token_ids, comp.logprobs):
         assert position[token].rank == 1  # greedy picks the top token
         assert 3 <= len(position) <= 4 and all(lp.logprob <= 0 for lp in position.values())
-    assert comp.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(comp.token_ids, comp.logprobs)))
+    assert comp.cumulative_logprob == pytest.approx(
+        sum(p[t].logprob for t, p in zip(comp.token_ids, comp.logprobs))
+    )
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
     for token, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
         assert token in position
@@ -133,16 +156,24 @@ def test_prefix_cache_reports_cached_tokens_and_events(llm):
 
 
 def test_bad_input_raises_naming_the_field(llm):
-    for kwargs, field in [({"n": 0}, "n"), ({"temperature": -1}, "temperature"),
-                          ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-                          ({"logprobs": 1000}, "logprobs"), ({"n": 1000}, "n"),
-                          ({"stop": [""]}, "stop"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")]:  # fmt: skip
+    for kwargs, field in [
+        ({"n": 0}, "n"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 1000}, "logprobs"),
+        ({"n": 1000}, "n"),
+        ({"stop": [""]}, "stop"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="prompt"):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate({"prompt_token_ids": [5] * (llm.engine.runtime.max_model_len + 1)}, use_tqdm=False)
+        llm.generate(
+            {"prompt_token_ids": [5] * (llm.engine.runtime.max_model_len + 1)}, use_tqdm=False
+        )
     with pytest.raises(ValueError, match="prompt_token_ids"):
         llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
     with pytest.raises(TypeError, match="block_sise"):
@@ -158,7 +189,7 @@ def test_async_engine_streams_deltas_and_aborts():
         deltas = [o async for o in engine.generate(PROMPTS[0], params, "a")]
         assert deltas[-1].finished and sum(len(d.outputs[0].token_ids) for d in deltas) == 10
         text = "".join(d.outputs[0].text for d in deltas)
-        async for out in engine.generate(PROMPTS[1], SamplingParams(max_tokens=200), "b"):
+        async for _ in engine.generate(PROMPTS[1], SamplingParams(max_tokens=200), "b"):
             break  # leaving the stream aborts the request
         with pytest.raises(ValueError, match="temperature|prompt"):
             async for _ in engine.generate({"prompt_token_ids": []}, SamplingParams(), "c"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tandem.engine import LLM, SamplingParams
 from tandem.engine.llm_engine import LLMEngine
 
@@ -30,12 +29,19 @@ def run(engine: LLMEngine) -> list:
     return outputs
 
 
-def disaggregated(prefill: LLMEngine, decode: LLMEngine, prompt: str, params: SamplingParams, rid: str):
+def disaggregated(
+    prefill: LLMEngine, decode: LLMEngine, prompt: str, params: SamplingParams, rid: str
+):
     prefill.add_request(rid, prompt, SamplingParams(**{**_plain(params), "max_tokens": 1}))
     (first,) = [o for o in prefill.step() if o.finished]
     assert first.kv_transfer_params is not None, "prefill side must lease the blocks"
-    decode.add_request(rid, prompt, params, output_token_ids=first.outputs[0].token_ids,
-                       kv_transfer_params=first.kv_transfer_params)  # fmt: skip
+    decode.add_request(
+        rid,
+        prompt,
+        params,
+        output_token_ids=first.outputs[0].token_ids,
+        kv_transfer_params=first.kv_transfer_params,
+    )
     (final,) = run(decode)
     run(prefill)  # the prefill side hears that its lease can go
     return first, final
@@ -89,12 +95,21 @@ def test_decode_side_loads_only_blocks_it_lacks(engines):
 def test_failed_load_recomputes(engines):
     prefill, decode, colocated = engines
     params = SamplingParams(temperature=0, max_tokens=6)
-    bogus = {"remote_engine_id": "gone", "remote_request_id": "x", "remote_block_ids": [0, 1],
-             "num_remote_tokens": 20}  # fmt: skip
+    bogus = {
+        "remote_engine_id": "gone",
+        "remote_request_id": "x",
+        "remote_block_ids": [0, 1],
+        "num_remote_tokens": 20,
+    }
     ids = colocated.get_tokenizer()(PROMPTS[1]).input_ids
     want = colocated.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
-    decode.add_request("lost", {"prompt_token_ids": ids}, params, output_token_ids=want[:1],
-                       kv_transfer_params=bogus)  # fmt: skip
+    decode.add_request(
+        "lost",
+        {"prompt_token_ids": ids},
+        params,
+        output_token_ids=want[:1],
+        kv_transfer_params=bogus,
+    )
     (final,) = run(decode)
     assert final.outputs[0].token_ids == want
     assert_idle(decode)

@@ -25,15 +25,23 @@ def source_packages() -> set[str]:
 @pytest.mark.timeout(300)
 def test_wheel_contains_every_package(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     (wheel,) = tmp_path.glob("tandem-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    in_wheel = {
-        n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")
-    }
+    in_wheel = {n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")}
     missing = source_packages() - in_wheel
     assert not missing, f"packages missing from the wheel (add them to pyproject.toml): {missing}"
     assert not any(n.startswith(("engine/", "kernels/")) for n in names), "bare top-level names"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import time
 
-from tandem.engine.config import CacheConfig, EngineConfig, EngineRuntime, SchedulerConfig, TransferConfig
+from tandem.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    EngineRuntime,
+    SchedulerConfig,
+    TransferConfig,
+)
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
@@ -16,20 +22,28 @@ EOS = 2
 TOKEN = 7  # what the simulated model always samples
 
 
-def make_scheduler(num_blocks=16, max_seqs=8, budget=64, caching=True, role="both",
-                   connector=None, lease=30.0) -> Scheduler:  # fmt: skip
+def make_scheduler(
+    num_blocks=16, max_seqs=8, budget=64, caching=True, role="both", connector=None, lease=30.0
+) -> Scheduler:
     config = EngineConfig(
         cache=CacheConfig(block_size=BS, enable_prefix_caching=caching),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, role=role),
         transfer=TransferConfig(kv_connector="test" if connector else None, kv_lease_seconds=lease),
     )
-    runtime = EngineRuntime(num_blocks, max_model_len=64, eos_token_ids=frozenset({EOS}), vocab_size=100)
+    runtime = EngineRuntime(
+        num_blocks, max_model_len=64, eos_token_ids=frozenset({EOS}), vocab_size=100
+    )
     return Scheduler(config, runtime, connector)
 
 
 def req(rid: str, num_prompt: int, max_tokens=4, first=10, sched=None, **params) -> Request:
-    r = Request(rid, list(range(first, first + num_prompt)), SamplingParams(max_tokens=max_tokens, **params),
-                max_model_len=64, block_size=BS)  # fmt: skip
+    r = Request(
+        rid,
+        list(range(first, first + num_prompt)),
+        SamplingParams(max_tokens=max_tokens, **params),
+        max_model_len=64,
+        block_size=BS,
+    )
     if sched is not None:
         sched.add_request(r)
     return r
@@ -146,8 +160,14 @@ def test_prefix_hit_counts_cached_tokens():
 def test_n_siblings_share_prompt_blocks_without_prefix_caching():
     s = make_scheduler(caching=False)
     owner = req("0_x", 9, max_tokens=3)
-    sib = Request("1_x", list(range(10, 19)), SamplingParams(max_tokens=3), max_model_len=64,
-                  block_size=BS, prompt_owner=owner)  # fmt: skip
+    sib = Request(
+        "1_x",
+        list(range(10, 19)),
+        SamplingParams(max_tokens=3),
+        max_model_len=64,
+        block_size=BS,
+        prompt_owner=owner,
+    )
     s.add_request(owner)
     s.add_request(sib)
     out, _ = step(s)

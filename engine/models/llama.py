@@ -10,8 +10,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.models.layers import (
     Attention,
@@ -21,6 +19,7 @@ from tandem.engine.models.layers import (
     load_weights,
     rope_parameters,
 )
+from torch import nn
 
 
 def head_dim_of(cfg) -> int:
@@ -28,19 +27,30 @@ def head_dim_of(cfg) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg, layer_idx: int, backend: AttentionBackend,
-                 qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        layer_idx: int,
+        backend: AttentionBackend,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+    ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(cfg)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias)
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias
+        )
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, rope_parameters(cfg))
+        self.rotary = RotaryEmbedding(
+            self.head_dim, cfg.max_position_embeddings, rope_parameters(cfg)
+        )
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
