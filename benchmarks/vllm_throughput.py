@@ -16,13 +16,25 @@ venv, e.g. (see benchmarks/install_vllm_cpu.sh):
 
 CPU engine settings may be overridden through the usual environment variables
 (VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU).
+The default thread binding ("auto") gives the model worker one core and keeps
+the other free for the busy-polling engine-core process; on a 2-core box that
+was ~2x faster than binding the worker to both cores.  If LD_PRELOAD is unset,
+tcmalloc and Intel OpenMP are preloaded into vLLM's (spawned) engine processes
+when present (small gain, ~5%).
 """
 
 import argparse
 import json
 import os
 import random
+import sys
 import time
+
+# Libraries vLLM's CPU docs recommend preloading (tcmalloc + Intel OpenMP).
+PRELOAD_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    os.path.join(sys.prefix, "lib", "libiomp5.so"),
+)
 
 
 def parse_args():
@@ -52,6 +64,9 @@ def main():
     args = parse_args()
     # Must be set before vllm reads its environment.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    if "LD_PRELOAD" not in os.environ:  # inherited by spawned engine processes
+        libs = [lib for lib in PRELOAD_CANDIDATES if os.path.exists(lib)]
+        os.environ["LD_PRELOAD"] = ":".join(libs)
 
     import vllm
     from vllm import LLM, SamplingParams

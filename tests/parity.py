@@ -72,22 +72,26 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[Refe
     """
     from transformers import GenerationConfig
 
-    # A fresh config: no EOS, no defaults from the checkpoint's generation_config.json
-    # (a repetition penalty there would change the greedy choice).
+    # generate() fills every None field from model.generation_config (the checkpoint's
+    # EOS, any repetition penalty), so the model's own config is swapped out meanwhile.
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        repetition_penalty=1.0, output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
+    saved, model.generation_config = model.generation_config, config
     references = []
-    for prompt in prompts:
-        input_ids = torch.tensor([prompt])
-        mask = torch.ones_like(input_ids)
-        out = model.generate(input_ids, attention_mask=mask, generation_config=config)
-        token_ids = out.sequences[0, len(prompt) :].tolist()
-        assert len(token_ids) == max_new_tokens, "transformers stopped early"
-        logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
-        assert logprobs.argmax(-1).tolist() == token_ids, "transformers' choice is not greedy"
-        references.append(Reference(token_ids, logprobs))
+    try:
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt])
+            mask = torch.ones_like(input_ids)
+            out = model.generate(input_ids, attention_mask=mask, generation_config=config)
+            token_ids = out.sequences[0, len(prompt) :].tolist()
+            assert len(token_ids) == max_new_tokens, "transformers stopped early"
+            logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+            assert logprobs.argmax(-1).tolist() == token_ids, "transformers' choice is not greedy"
+            references.append(Reference(token_ids, logprobs))
+    finally:
+        model.generation_config = saved
     return references
 
 
@@ -110,7 +114,9 @@ def engine_options(configuration: str, prompts: list[list[int]], max_tokens: int
 
 def generate_greedy(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[RequestOutput]:
     """One batch through the engine; afterwards the pool must be whole and hold nothing."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=NUM_TOP, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, logprobs=NUM_TOP, ignore_eos=True
+    )
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     kv = llm.engine.scheduler.kv
     kv.check_integrity()
@@ -119,7 +125,9 @@ def generate_greedy(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list
     return outputs
 
 
-def compare(references: list[Reference], outputs: list[RequestOutput], tol: Tolerance) -> ParityReport:
+def compare(
+    references: list[Reference], outputs: list[RequestOutput], tol: Tolerance
+) -> ParityReport:
     """Compare each engine sequence with transformers' up to the first divergence.
 
     Fails on any divergence that is not a near-tie (each token in the other side's top-5,
@@ -129,11 +137,14 @@ def compare(references: list[Reference], outputs: list[RequestOutput], tol: Tole
     for index, (ref, out) in enumerate(zip(references, outputs)):
         completion = out.outputs[0]
         token_ids, logprobs = completion.token_ids, completion.logprobs
-        assert len(token_ids) <= len(ref.token_ids), "the engine generated past max_tokens"
+        assert len(token_ids) == len(ref.token_ids), f"prompt {index}: {len(token_ids)} tokens"
+        assert completion.logprobs is not None
         for step, (engine_id, position) in enumerate(zip(token_ids, logprobs)):
             hf_lps, hf_id = ref.logprobs[step], ref.token_ids[step]
             if engine_id != hf_id:
-                report.divergences.append(_near_tie(index, step, hf_id, engine_id, hf_lps, position, tol))
+                report.divergences.append(
+                    _near_tie(index, step, hf_id, engine_id, hf_lps, position, tol)
+                )
                 break
             for token_id, lp in position.items():  # the chosen token and the engine's top-5
                 diff = abs(lp.logprob - float(hf_lps[token_id]))
@@ -159,7 +170,7 @@ def _near_tie(index, step, hf_id, engine_id, hf_lps, position, tol: Tolerance) -
 
 def check_configuration(
     configuration: str,
-    model_dir: str,
+    model_dir: str | None,
     prompts: list[list[int]],
     references: list[Reference],
     tol: Tolerance,
@@ -169,7 +180,9 @@ def check_configuration(
     prefix cache warm) and check parity, block accounting and that the configuration
     did what it is for (cache hits, preemptions)."""
     max_tokens = len(references[0].token_ids)
-    llm = LLM(model_dir, dtype="float32", **engine_options(configuration, prompts, max_tokens), **options)
+    llm = LLM(
+        model_dir, dtype="float32", **engine_options(configuration, prompts, max_tokens), **options
+    )
     num_runs = 2 if configuration == "default" else 1
     reports = []
     for _ in range(num_runs):

@@ -206,3 +206,22 @@ def test_async_engine_streams_deltas_and_aborts():
     kv = offline.scheduler.kv
     assert kv.pool.num_free_blocks == kv.pool.num_blocks
     engine.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_run(dtype):
+    import torch
+
+    half = LLM(dtype=dtype, kv_cache_memory="32MiB")
+    assert half.engine.runner.kv_cache.dtype == getattr(torch, dtype)
+    out = half.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 6 and out[0].outputs[0].text.strip()
+
+
+def test_gguf_file_loads_directly(llm):
+    from tandem.engine.model_loader import default_gguf_path
+
+    direct = LLM(str(default_gguf_path()), dtype="float32", kv_cache_memory="32MiB")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    want = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert direct.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids == want

@@ -12,10 +12,9 @@ import re
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch import nn
-
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.models.layers import Attention, get_activation, load_weights
+from torch import nn
 
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
 # Causal-mask buffers that old checkpoints saved beside the weights.
@@ -33,7 +32,9 @@ class GPT2Attention(nn.Module):
             scale /= layer_idx + 1
         self.c_attn = nn.Linear(hidden, 3 * hidden)  # q, k, v side by side
         self.c_proj = nn.Linear(hidden, hidden)
-        self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, backend, scale)
+        self.attn = Attention(
+            layer_idx, self.num_heads, self.num_heads, self.head_dim, backend, scale
+        )
 
     def forward(self, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim)

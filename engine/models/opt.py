@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch import nn
-
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.models.layers import Attention, MergedLinear, get_activation, load_weights
+from torch import nn
 
 # Row 0 and 1 of OPT's position table are never used: position p reads row p + 2.
 _POSITION_OFFSET = 2
@@ -25,10 +24,14 @@ class OPTAttention(nn.Module):
         self.num_heads = self.num_kv_heads = cfg.num_attention_heads
         self.head_dim = hidden // self.num_heads
         self.scaling = self.head_dim**-0.5
-        self.qkv_proj = MergedLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, cfg.enable_bias)
+        self.qkv_proj = MergedLinear(
+            hidden, {"q": hidden, "k": hidden, "v": hidden}, cfg.enable_bias
+        )
         self.out_proj = nn.Linear(hidden, hidden, bias=cfg.enable_bias)
         # q is scaled before attention (as OPT was trained), so attention itself scales by 1.
-        self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, backend, 1.0)
+        self.attn = Attention(
+            layer_idx, self.num_heads, self.num_heads, self.head_dim, backend, 1.0
+        )
 
     def forward(self, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
