@@ -22,9 +22,7 @@ def get_model_class(architectures: list[str] | None) -> type:
         if arch in _REGISTRY:
             module, name = _REGISTRY[arch]
             return getattr(importlib.import_module(f"tandem.engine.models.{module}"), name)
-    raise ValueError(
-        f"architectures {architectures} not supported; supported: {sorted(_REGISTRY)}"
-    )
+    raise ValueError(f"architectures {architectures} not supported; supported: {sorted(_REGISTRY)}")
 
 
 def supported_architectures() -> list[str]:

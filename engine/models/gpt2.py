@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.models.base import CausalLM
 from tandem.engine.models.layers import Attention, get_activation, load_weights
 from torch import nn
 
@@ -84,27 +85,18 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
+    tie_default = True
+
     def __init__(self, cfg, backend: AttentionBackend) -> None:
-        super().__init__()
+        super().__init__(cfg)
         if getattr(cfg, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention (an encoder-decoder) is not supported")
-        self.config = cfg
         self.model = GPT2Model(cfg, backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if getattr(cfg, "tie_word_embeddings", True):
-            self.lm_head.weight = self.model.wte.weight
-
-    def forward(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_cache, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab_size]
+        self.attach_head(cfg.hidden_size, self.model.wte)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        tied = getattr(self.config, "tie_word_embeddings", True)
-        skip = ("lm_head.weight",) if tied else ()
-        return load_weights(self, self._renamed(weights), renames=[], skip=skip)
+        return load_weights(self, self._renamed(weights), renames=[], skip=self.tied_skip())
 
     @staticmethod
     def _renamed(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,9 +11,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -122,8 +121,12 @@ class Attention(nn.Module):
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
-def load_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                 renames: list[tuple[str, str, str | None]], skip: tuple[str, ...] = ()) -> set[str]:  # fmt: skip
+def load_weights(
+    module: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    renames: list[tuple[str, str, str | None]],
+    skip: tuple[str, ...] = (),
+) -> set[str]:
     """Copy checkpoint tensors into ``module``'s parameters.
 
     ``renames`` holds (checkpoint substring, parameter substring, shard or None); a shard

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.models.base import CausalLM
 from tandem.engine.models.layers import (
     Attention,
     MergedLinear,
@@ -113,34 +114,22 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     qkv_bias: bool | None = None  # None: the config's attention_bias decides
     qk_norm = False
 
     def __init__(self, cfg, backend: AttentionBackend) -> None:
-        super().__init__()
+        super().__init__(cfg)
         attention_bias = getattr(cfg, "attention_bias", False)
         qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attention_bias if self.qkv_bias is None else False
         switches = dict(qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=self.qk_norm)
-        self.config = cfg
         self.model = LlamaModel(cfg, backend, switches)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if getattr(cfg, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_cache, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab_size]
+        self.attach_head(cfg.hidden_size, self.model.embed_tokens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         renames = [(f".{p}_proj.", ".qkv_proj.", p) for p in "qkv"] + [
             (".gate_proj.", ".gate_up_proj.", "gate"),
             (".up_proj.", ".gate_up_proj.", "up"),
         ]
-        skip = ("rotary_emb.inv_freq",)
-        if getattr(self.config, "tie_word_embeddings", False):
-            skip += ("lm_head.weight",)
-        return load_weights(self, weights, renames, skip)
+        return load_weights(self, weights, renames, ("rotary_emb.inv_freq", *self.tied_skip()))

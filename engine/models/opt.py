@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.models.base import CausalLM
 from tandem.engine.models.layers import Attention, MergedLinear, get_activation, load_weights
 from torch import nn
 
@@ -91,25 +92,17 @@ class OPTModel(nn.Module):
         return x if self.project_out is None else self.project_out(x)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
+    tie_default = True
+
     def __init__(self, cfg, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = OPTModel(cfg, backend)
-        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
-        if getattr(cfg, "tie_word_embeddings", True):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_cache, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab_size]
+        self.attach_head(cfg.word_embed_proj_dim, self.model.embed_tokens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         renames = [(f".{p}_proj.", ".qkv_proj.", p) for p in "qkv"]
-        skip = ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", True) else ()
-        return load_weights(self, _renamed(weights), renames, skip)
+        return load_weights(self, _renamed(weights), renames, self.tied_skip())
 
 
 def _renamed(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
