@@ -55,7 +55,11 @@ class ModelConfig:
     )
     seed: int = doc(0, "Seed of the engine's random generator for unseeded requests.")
     attention_backend: str | None = doc(
-        None, "Attention backend; defaults to 'torch' on CPU.", choices=("torch",)
+        None,
+        "Attention backend: 'cpu' reads decode K/V in place with a C++ op compiled on first "
+        "use (falls back to 'torch' without a compiler); 'torch' gathers and runs SDPA. "
+        "Defaults to 'cpu' on CPU.",
+        choices=("torch", "cpu"),
     )
 
 
@@ -141,7 +145,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {m.dtype!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {m.max_model_len}")
-        if m.attention_backend not in (None, "torch"):
+        if m.attention_backend not in (None, "torch", "cpu"):
             raise ValueError(f"attention_backend: unknown backend {m.attention_backend!r}")
         if c.block_size < 1 or c.block_size & (c.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {c.block_size}")

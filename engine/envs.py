@@ -33,3 +33,8 @@ def max_stop_strings() -> int:
 def cpu_packed_linear() -> bool:
     """TANDEM_CPU_PACKED_LINEAR: run CPU linear layers on oneDNN with packed weights (default 1)."""
     return _get("TANDEM_CPU_PACKED_LINEAR", "1") not in ("0", "false", "no")
+
+
+def api_key() -> str | None:
+    """TANDEM_API_KEY: the key `tandem serve` asks for unless --api-key is given (default none)."""
+    return _get("TANDEM_API_KEY", "") or None

@@ -36,6 +36,7 @@ class UserRequestState:
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None
     error: str | None = None
+    queue_seconds: float | None = None  # the first-scheduled sample's
 
     @property
     def finished(self) -> bool:
@@ -72,6 +73,10 @@ class OutputProcessor:
             user.num_cached_tokens = max(user.num_cached_tokens, out.num_cached_tokens)
             user.kv_transfer_params = out.kv_transfer_params or user.kv_transfer_params
             user.error = out.error or user.error
+            if out.queue_seconds is not None and (
+                user.queue_seconds is None or out.queue_seconds < user.queue_seconds
+            ):
+                user.queue_seconds = out.queue_seconds
             if out.new_prompt_logprobs is not None and sample.index == 0:
                 user.prompt_logprobs = (user.prompt_logprobs or []) + self._decoded(
                     out.new_prompt_logprobs
@@ -170,10 +175,20 @@ class OutputProcessor:
             finished,
             user.num_cached_tokens,
             user.kv_transfer_params,
-            {"error": user.error} if user.error else {},
+            _metrics(user),
         )
 
     def _forget(self, request_id: str) -> None:
         user = self.requests.pop(request_id, None)
         for engine_id in user.samples if user else ():
             self.parent_of.pop(engine_id, None)
+
+
+def _metrics(user: UserRequestState) -> dict:
+    """RequestOutput.metrics: 'error' when the engine failed it, 'queue_time' once known."""
+    metrics: dict = {}
+    if user.error:
+        metrics["error"] = user.error
+    if user.queue_seconds is not None:
+        metrics["queue_time"] = user.queue_seconds
+    return metrics

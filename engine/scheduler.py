@@ -198,6 +198,7 @@ class Scheduler:
             if request.status.finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
+                out.queue_seconds = request.first_scheduled_time - request.arrival_time
                 out.kv_transfer_params = self._free_request(request)
             outputs.append(out)
         if model_output.finished_transfers is not None:

@@ -62,3 +62,5 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     error: str | None = None
+    # Set on a request's last output: seconds from arrival to first being scheduled.
+    queue_seconds: float | None = None

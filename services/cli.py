@@ -70,6 +70,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.services.api_server.config import server_config
+    from tandem.services.api_server.server import run_server
+
+    return run_server(server_config(args), engine_options(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
+    from tandem.services.api_server.config import add_server_args
+
+    srv = sub.add_parser("serve", help="Serve the OpenAI-compatible HTTP API.")
+    _add_model_arg(srv)
+    add_server_args(srv)
+    add_engine_args(srv)
+    srv.set_defaults(func=_cmd_serve)
+
     bench = sub.add_parser("bench", help="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from tandem.benchmarks import throughput
@@ -90,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_args(tp)
     add_engine_args(tp)
     tp.set_defaults(func=throughput.main)
+
+    from tandem.benchmarks import serve as bench_serve
+
+    bs = bench_sub.add_parser("serve", help=bench_serve.__doc__.splitlines()[0])
+    bench_serve.add_args(bs)
+    bs.set_defaults(func=bench_serve.main)
     return parser
 
 

@@ -25,18 +25,8 @@ class TorchAttentionBackend(AttentionBackend):
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
-        nd = meta.num_decodes
-        if nd:
-            block_rows = (meta.decode_block_tables * num_layers + layer_idx) * 2
-            # keys/values: [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
-            keys = _gather(rows, block_rows, nd)
-            values = _gather(rows, block_rows + 1, nd)
-            # The group's query heads share one kv head: fold them into the query axis.
-            qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-            o = F.scaled_dot_product_attention(
-                qd, keys, values, attn_mask=meta.decode_mask, scale=scale
-            )
-            out[:nd] = o.reshape(nd, num_heads, head_dim)
+        if meta.num_decodes:
+            self._decode(layer_idx, q, kv_cache, meta, scale, out)
         for span in meta.prefills:
             sl = slice(span.query_start, span.query_start + span.query_len)
             qs = q[sl].transpose(0, 1)[None]  # [1, num_heads, query_len, head_dim]
@@ -54,6 +44,22 @@ class TorchAttentionBackend(AttentionBackend):
             )  # fmt: skip
             out[sl] = o[0].transpose(0, 1)
         return out
+
+    def _decode(self, layer_idx, q, kv_cache, meta: AttentionMetadata, scale, out) -> None:
+        """Attend the decode rows ``[0, num_decodes)`` of q and write them into ``out``."""
+        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        rows = kv_cache.view(num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim)
+        nd, num_heads = meta.num_decodes, q.shape[1]
+        block_rows = (meta.decode_block_tables * num_layers + layer_idx) * 2
+        # keys/values: [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
+        keys = _gather(rows, block_rows, nd)
+        values = _gather(rows, block_rows + 1, nd)
+        # The group's query heads share one kv head: fold them into the query axis.
+        qd = q[:nd].view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(
+            qd, keys, values, attn_mask=meta.decode_mask, scale=scale
+        )
+        out[:nd] = o.reshape(nd, num_heads, head_dim)
 
 
 def _gather(rows: torch.Tensor, block_rows: torch.Tensor, batch: int) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""The FastAPI app: routes are thin adapters from HTTP to the serving classes.
+
+``create_app(engine_client, config)`` wires the guard middleware (request id, body size,
+API key), OpenAI-shaped error handlers, and one serving object per API family over one
+``AsyncLLM``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from tandem.services.api_server.config import ServerConfig
+from tandem.services.api_server.errors import bad_request, engine_dead, install_error_handlers
+from tandem.services.api_server.metrics import CONTENT_TYPE, ServerMetrics
+from tandem.services.api_server.middleware import REQUEST_ID_KEY, GuardMiddleware
+from tandem.services.api_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from tandem.services.api_server.responses import (
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+)
+from tandem.services.api_server.serving_chat import ChatServing
+from tandem.services.api_server.serving_completion import CompletionServing
+
+if TYPE_CHECKING:
+    from tandem.engine.async_llm import AsyncLLM
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tandem")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_app(engine_client: AsyncLLM, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="Tandem", version=_version(), docs_url=None, redoc_url=None)
+    app.add_middleware(
+        GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes
+    )
+    install_error_handlers(app)
+    metrics = ServerMetrics(config.model_name, engine_client.engine.get_stats)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenizer")
+    completions = CompletionServing(engine_client, config, metrics, pool)
+    chat = ChatServing(engine_client, config, metrics, pool)
+    max_model_len = engine_client.engine.runtime.max_model_len
+    vocab_size = engine_client.engine.runtime.vocab_size
+    tokenizer = engine_client.tokenizer
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine_client.dead_error is not None:
+            return engine_dead().response()
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _version()})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        cards = [
+            ModelCard(id=name, root=config.model_path or name, max_model_len=max_model_len)
+            for name in config.served_model_name
+        ]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw_request: Request) -> Response:
+        return await completions.create(body, raw_request, raw_request.scope[REQUEST_ID_KEY])
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await chat.create(body, raw_request, raw_request.scope[REQUEST_ID_KEY])
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> JSONResponse:
+        chat.check_request(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            prompt = await chat.render(body, body.add_special_tokens)
+        else:
+            prompt = await chat.tokenize(body.prompt, body.add_special_tokens)
+        strs = None
+        if body.return_token_strs:
+            strs = await chat.in_tokenizer_thread(tokenizer.convert_ids_to_tokens, prompt.token_ids)
+        response = TokenizeResponse(
+            count=len(prompt.token_ids),
+            max_model_len=max_model_len,
+            tokens=prompt.token_ids,
+            token_strs=strs,
+        )
+        return JSONResponse(response.model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        chat.check_request(body.model)
+        if any(not 0 <= t < vocab_size for t in body.tokens):
+            raise bad_request(f"tokens: every id must be in [0, {vocab_size})", "tokens")
+        text = await chat.in_tokenizer_thread(tokenizer.decode, body.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+    return app

@@ -1,0 +1,92 @@
+"""The guard every HTTP request passes before a route: the request id, the body size limit
+and the API key. Plain ASGI (not Starlette's BaseHTTPMiddleware), so streamed responses
+and client disconnects pass through untouched."""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tandem.services.api_server.errors import (
+    APIError,
+    BodyTooLarge,
+    bad_request,
+    body_too_large,
+    unauthorized,
+)
+
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_KEY = "tandem.request_id"  # where routes find the id in the ASGI scope
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Paths that never need the API key: probes and scrapes.
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(REQUEST_ID_HEADER, b"").decode("latin-1") or uuid.uuid4().hex
+        id_header = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        error = self._check(scope["path"], headers, request_id)
+        if error is not None:
+            await _send_error(send_with_id, error)
+            return
+        scope[REQUEST_ID_KEY] = request_id
+        await self.app(scope, self._limited(receive), send_with_id)
+
+    def _check(self, path: str, headers: dict[bytes, bytes], request_id: str) -> APIError | None:
+        if not _REQUEST_ID_RE.match(request_id):
+            return bad_request(
+                "X-Request-Id: use 1 to 128 letters, digits or ._:- characters", "X-Request-Id"
+            )
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return body_too_large(self.max_body_bytes)
+        if self.api_key is None or path in _OPEN_PATHS:
+            return None
+        auth = headers.get(b"authorization")
+        if auth is None:
+            return unauthorized("Missing API key")
+        scheme, _, key = auth.partition(b" ")
+        # compare_digest: the time taken does not tell how much of the key was right.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
+            return unauthorized("Incorrect API key")
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        """``receive`` that counts body bytes, for bodies sent without Content-Length."""
+        num_bytes = 0
+
+        async def limited() -> Message:
+            nonlocal num_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                num_bytes += len(message.get("body", b""))
+                if num_bytes > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        return limited
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    body = error.to_json().encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,65 @@
+"""``tandem serve``: build the engine, then serve the app with uvicorn until SIGTERM.
+
+Shutdown: on SIGTERM (or Ctrl-C) uvicorn closes the listening socket at once, so new
+connections are refused, lets requests in flight finish for up to ``--shutdown-timeout``
+seconds, cancels what is left (which aborts those engine requests), then the engine stops
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from tandem.services.api_server.config import ServerConfig
+
+logger = logging.getLogger("tandem.api_server")
+
+
+def run_server(config: ServerConfig, engine_options: dict[str, Any]) -> int:
+    import uvicorn
+    from tandem.engine.async_llm import AsyncLLM
+    from tandem.services.api_server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The engine loads before the socket opens: /health answers only when it can serve.
+    engine_client = AsyncLLM.from_options(**engine_options)
+    app = create_app(engine_client, config)
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        http="h11",  # h11 enforces h11_max_incomplete_event_size on the request head
+        h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
+        timeout_graceful_shutdown=config.shutdown_timeout,
+        log_level=config.uvicorn_log_level,
+        lifespan="off",
+    )
+    server = uvicorn.Server(uvicorn_config)
+    # uvicorn re-raises the signal that stopped it once it is done, under the handler
+    # that was installed before it started; with the default one SIGTERM would kill the
+    # process after a clean drain. A handler that only notes it keeps the exit status 0.
+    signal.signal(signal.SIGTERM, _note_signal)
+    auth = "on" if config.api_key else "off"
+    logger.info(
+        "serving %s on http://%s:%d (API key %s, max_model_len %d)",
+        config.model_name,
+        config.host,
+        config.port,
+        auth,
+        engine_client.engine.runtime.max_model_len,
+    )
+    try:
+        server.run()
+    finally:
+        engine_client.shutdown()
+    if not server.started:
+        logger.error("the server did not start; see the errors above (is the port in use?)")
+        return 1
+    logger.info("drained and stopped")
+    return 0
+
+
+def _note_signal(signum: int, _frame: Any) -> None:
+    logger.info("received %s after shutdown", signal.Signals(signum).name)
