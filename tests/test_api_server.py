@@ -255,9 +255,12 @@ def test_disconnect_aborts_and_frees_blocks_while_health_stays_fast(server, http
     aborted_before = server.metric("tandem:request_success_total", finished_reason="abort")
     body = {"prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
-        for num_events, _ in enumerate(response.iter_lines(), 1):
-            if num_events == 6:
-                break
+        # Keep the iterator alive: breaking out of a for loop over it closes the generator,
+        # and httpx then closes the connection (the disconnect this test makes on purpose
+        # only when the with block ends).
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
         assert server.metric("tandem:num_requests_running") == 1
         assert server.metric("tandem:kv_cache_usage_perc") > 0
         start = time.monotonic()

@@ -58,6 +58,7 @@ def make_decode_batch(lens, block_size, num_kv_heads, head_dim, dtype, prefill_l
         slot_offset=slot_offset,
         num_decodes=nd,
         decode_block_tables=tables,
+        decode_seq_lens=seq_lens,
         decode_mask=mask.view(nd, 1, 1, -1),
         prefills=spans,
     )

@@ -33,6 +33,7 @@ class AttentionMetadata:
     # Requests with one query token come first in the batch, as rows [0, num_decodes).
     num_decodes: int
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64: context length after this step
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillSpan]
 

@@ -131,15 +131,6 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
     def _decode(self, layer_idx, q, kv_cache, meta: AttentionMetadata, scale, out) -> None:
         nd, tables = meta.num_decodes, meta.decode_block_tables
         paged_decode_attention(
-            q[:nd], kv_cache, tables, _seq_lens(meta), layer_idx, scale, out[:nd]
+            q[:nd], kv_cache, tables, meta.decode_seq_lens, layer_idx, scale, out[:nd]
         )
 
-
-def _seq_lens(meta: AttentionMetadata) -> torch.Tensor:
-    """Each decode row's context length, from its prefix mask; computed once per step (the
-    metadata is built per step and shared by every layer) and kept on the metadata."""
-    lens = getattr(meta, "_decode_seq_lens", None)
-    if lens is None:
-        lens = meta.decode_mask.reshape(meta.num_decodes, -1).sum(1)
-        meta._decode_seq_lens = lens
-    return lens
