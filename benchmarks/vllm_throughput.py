@@ -46,18 +46,19 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--kv-cache-gib", type=int, default=2,
-                   help="default for VLLM_CPU_KVCACHE_SPACE if unset")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="disable torch.compile (faster startup)")
+    p.add_argument(
+        "--kv-cache-gib", type=int, default=2, help="default for VLLM_CPU_KVCACHE_SPACE if unset"
+    )
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="disable torch.compile (faster startup)"
+    )
     p.add_argument("--output-json", default=None)
     return p.parse_args()
 
 
 def make_prompts(vocab_size, input_len, num_prompts, seed):
     rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(input_len)]
-            for _ in range(num_prompts)]
+    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
 def main():
@@ -85,8 +86,9 @@ def main():
     )
 
     def run(token_ids, max_tokens):
-        params = SamplingParams(temperature=0, max_tokens=max_tokens,
-                                ignore_eos=True, detokenize=False)
+        params = SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False
+        )
         inputs = [{"prompt_token_ids": ids} for ids in token_ids]
         return llm.generate(inputs, params, use_tqdm=False)
 

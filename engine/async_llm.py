@@ -52,6 +52,8 @@ class AsyncLLM:
         """Yield deltas of request ``request_id``; leaving the loop early aborts it."""
         if self.dead_error is not None:
             raise EngineDeadError("the engine has died") from self.dead_error
+        if request_id in self._streams:  # checked here: a second stream would steal the first's
+            raise ValueError(f"request_id {request_id!r} is already in use")
         if params.output_kind is RequestOutputKind.CUMULATIVE:
             params.output_kind = RequestOutputKind.DELTA
         # Tokenize here, off the step loop; the engine thread only queues the ids.
@@ -69,6 +71,9 @@ class AsyncLLM:
                     raise EngineDeadError("the engine has died") from item
                 yield item
                 if item.finished:
+                    # Done: nothing to abort. (An abort now would free the blocks a
+                    # prefill engine leases for the decode side.)
+                    self._streams.pop(request_id, None)
                     return
         finally:
             if self._streams.pop(request_id, None) is not None:
@@ -97,6 +102,11 @@ class AsyncLLM:
                     continue
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)
+                scheduler = self.engine.scheduler
+                if not scheduler.running and not scheduler.waiting:
+                    # Only leases or KV loads in flight: poll for them, do not spin a core.
+                    self._wakeup.wait(timeout=0.002)
+                    self._wakeup.clear()
         except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
             self.dead_error = e
             for rid in list(self._streams):

@@ -16,6 +16,7 @@ from typing import Any, Literal
 Role = Literal["both", "prefill", "decode"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROLES = ("both", "prefill", "decode")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def doc(default: Any, help: str, **kwargs: Any) -> Any:
@@ -41,6 +42,20 @@ def parse_size(value: str | int) -> int:
     return int(number * base**power)
 
 
+def resolve_device(device: str) -> str:
+    """The device an engine runs on: 'auto' is 'cuda' when a GPU is visible, else 'cpu'."""
+    import torch  # here, not at the top: the config tree itself needs no torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda': no CUDA GPU is visible to torch (torch.cuda.is_available() is "
+            f"False, torch {torch.__version__}); use device 'cpu' or 'auto'"
+        )
+    return device
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = doc(
@@ -54,12 +69,28 @@ class ModelConfig:
         None, "Longest prompt plus output in tokens; defaults to the model's context length."
     )
     seed: int = doc(0, "Seed of the engine's random generator for unseeded requests.")
+    device: str = doc(
+        "auto",
+        "Where the model runs: 'cuda' when a GPU is present ('auto'), else 'cpu'.",
+        choices=DEVICES,
+    )
+    quantization: str | None = doc(
+        None,
+        "Weight-only quantization at load time, round-to-nearest in groups along the input "
+        "dimension: 'int8' (symmetric) or 'int4' (with zero points) for the decoder's "
+        "linear layers; the vocabulary embedding and LM head go to int8 either way.",
+        choices=("int8", "int4"),
+    )
+    quantization_group_size: int = doc(
+        128, "Input features sharing one quantization scale.", choices=(32, 64, 128)
+    )
     attention_backend: str | None = doc(
         None,
         "Attention backend: 'cpu' reads decode K/V in place with a C++ op compiled on first "
-        "use (falls back to 'torch' without a compiler); 'torch' gathers and runs SDPA. "
-        "Defaults to 'cpu' on CPU.",
-        choices=("torch", "cpu"),
+        "use (falls back to 'torch' without a compiler); 'torch' gathers and runs SDPA; "
+        "'triton' runs the Triton paged kernels (on CPU only under TRITON_INTERPRET=1). "
+        "Defaults to 'cpu' on CPU, 'triton' on CUDA.",
+        choices=("torch", "cpu", "triton"),
     )
 
 
@@ -89,7 +120,17 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class TransferConfig:
     kv_connector: str | None = doc(
-        None, "KV connector moving blocks between engines ('loopback' in-process)."
+        None,
+        "KV connector moving blocks between engines: 'ucx', 'nccl' (torch.distributed; "
+        "gloo on CPU) or 'loopback' (in-process, tests).",
+        choices=("loopback", "ucx", "nccl"),
+    )
+    kv_transfer_host: str = doc(
+        "127.0.0.1", "Address the KV connector's data listener binds to and advertises."
+    )
+    kv_transfer_port: int = doc(0, "Port of the KV data listener; 0 picks a free one.")
+    kv_transfer_timeout: float = doc(
+        20.0, "Seconds a KV load may take (connect included) before it counts as failed."
     )
     engine_id: str | None = doc(None, "This engine's id on the KV wire; random if omitted.")
     kv_lease_seconds: float = doc(
@@ -145,7 +186,15 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {m.dtype!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {m.max_model_len}")
-        if m.attention_backend not in (None, "torch", "cpu"):
+        if m.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be 'int8' or 'int4', got {m.quantization!r}")
+        if m.quantization_group_size not in (32, 64, 128):
+            raise ValueError(
+                f"quantization_group_size must be 32, 64 or 128, got {m.quantization_group_size}"
+            )
+        if m.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {m.device!r}")
+        if m.attention_backend not in (None, "torch", "cpu", "triton"):
             raise ValueError(f"attention_backend: unknown backend {m.attention_backend!r}")
         if c.block_size < 1 or c.block_size & (c.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {c.block_size}")
@@ -160,6 +209,13 @@ class EngineConfig:
             raise ValueError(f"role must be one of {ROLES}, got {s.role!r}")
         if s.role != "both" and self.transfer.kv_connector is None:
             raise ValueError(f"role {s.role!r} needs a kv_connector")
+        t = self.transfer
+        if t.kv_connector not in (None, "loopback", "ucx", "nccl"):
+            raise ValueError(f"kv_connector: unknown connector {t.kv_connector!r}")
+        if not 0 <= t.kv_transfer_port < 65536:
+            raise ValueError(f"kv_transfer_port must be in [0, 65535], got {t.kv_transfer_port}")
+        if t.kv_transfer_timeout <= 0:
+            raise ValueError(f"kv_transfer_timeout must be > 0, got {t.kv_transfer_timeout}")
         if self.transfer.kv_load_failure_policy not in ("recompute", "fail"):
             raise ValueError("kv_load_failure_policy must be 'recompute' or 'fail'")
 
@@ -172,3 +228,4 @@ class EngineRuntime:
     max_model_len: int
     eos_token_ids: frozenset[int]
     vocab_size: int
+    device: str = "cpu"  # where the model runs: ModelConfig.device with 'auto' resolved

@@ -6,6 +6,7 @@ request with several query tokens (a prefill chunk) follows as its own span.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,15 @@ class StepInputs:
     order: list[tuple[RequestState, int]]  # (request, num_scheduled) in batch order
     sample_rows: list[int]  # row of each sampling request's last token
     sample_states: list[RequestState]
+
+    def to(self, device: torch.device | str) -> StepInputs:
+        """The model's inputs on ``device``: one host-to-device copy per tensor per step."""
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            positions=self.positions.to(device, non_blocking=True),
+            meta=self.meta.to(device),
+        )
 
 
 def build_step_inputs(states: list[tuple[RequestState, int]], block_size: int) -> StepInputs:
@@ -103,15 +113,18 @@ def _prefill_span(state: RequestState, row: int, n: int, block_size: int) -> Pre
 
 
 def build_sampling_metadata(
-    states: list[RequestState], eos_token_ids: frozenset[int]
+    states: list[RequestState],
+    eos_token_ids: frozenset[int],
+    device: torch.device | str = "cpu",
 ) -> SamplingMetadata:
+    """The batch's sampling parameters as tensors on ``device``, the logits' device."""
     params = [s.params for s in states]
     greedy = [p.greedy for p in params]
 
     def column(values: list, off_value, dtype) -> torch.Tensor | None:
         if all(v == off_value for v in values):
             return None
-        return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, device=device)
 
     logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
     banned: dict[int, set[int]] = {}
@@ -125,7 +138,9 @@ def build_sampling_metadata(
     }
     need_tokens = any(v is not None for v in penalties.values())
     return SamplingMetadata(
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        temperature=torch.tensor(
+            [p.temperature for p in params], dtype=torch.float32, device=device
+        ),
         all_greedy=all(greedy),
         all_random=not any(greedy),
         top_p=column([p.top_p for p in params], 1.0, torch.float32),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tandem.engine.config import EngineConfig, EngineRuntime
+from tandem.engine.config import EngineConfig, EngineRuntime, resolve_device
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.kv_events import KVCacheEvent
 from tandem.engine.model_loader import load_hf_config, resolve_model_path
@@ -52,6 +52,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         torch.manual_seed(config.model.seed)
         self.config = config
+        device = resolve_device(config.model.device)  # first: a missing GPU fails fast
         self.model_dir = resolve_model_path(config.model.model)
         hf_config = load_hf_config(self.model_dir)
         self.tokenizer = load_tokenizer(config.model.tokenizer or self.model_dir)
@@ -63,8 +64,10 @@ class LLMEngine:
                 self.engine_id,
                 config.scheduler.role,
                 config.cache.block_size,
+                config.transfer,
+                model_name=self.model_dir.name,
             )
-        self.runner = ModelRunner(config, self.model_dir, hf_config, connector_worker)
+        self.runner = ModelRunner(config, self.model_dir, hf_config, connector_worker, device)
         capacity = self.runner.num_kv_blocks * config.cache.block_size
         max_len = config.model.max_model_len or hf_config.max_position_embeddings
         # A model the engine computes exactly only up to some length (a sliding window the
@@ -75,6 +78,7 @@ class LLMEngine:
             max_model_len=min(max_len, capacity),  # a longer request could never fit
             eos_token_ids=eos_token_ids(self.tokenizer, self.model_dir),
             vocab_size=hf_config.vocab_size,
+            device=device,
         )
         self.runner.eos_token_ids = self.runtime.eos_token_ids
         self.scheduler = Scheduler(config, self.runtime, connector_sched)
@@ -134,8 +138,13 @@ class LLMEngine:
                 )
             )
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, child)
-            if output_token_ids:
-                detok.update(list(output_token_ids))
+            if output_token_ids and detok.update(list(output_token_ids)) is not None:
+                # The tokens made elsewhere already hit a stop string: that engine should
+                # have finished the request; continuing would emit text past the stop.
+                raise ValueError(
+                    "output_token_ids: the continued tokens already end the request "
+                    "at one of its stop strings"
+                )
             samples[engine_id] = SampleState(index, detok, list(output_token_ids or []))
         self.output_processor.add_request(
             UserRequestState(request_id, text, token_ids, params, samples)

@@ -23,7 +23,8 @@ from tandem.engine.model_loader import iter_weights, resolve_dtype
 from tandem.engine.models import get_model_class
 from tandem.engine.models.cpu_linear import can_pack, pack_linear_layers
 from tandem.engine.outputs import Logprob, PositionLogprobs
-from tandem.engine.sampler import Sampler, gather_logprobs
+from tandem.engine.quantization import create_quantization_method, quantize_model, weight_bytes
+from tandem.engine.sampler import Sampler, SamplerOutput, gather_logprobs
 from tandem.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tandem.kvtransfer.base import KVConnectorWorker
 
@@ -73,9 +74,27 @@ class ModelRunner:
         missing = {n for n, _ in model.named_parameters()} - loaded - tied
         if missing:
             raise ValueError(f"{model_dir}: checkpoint lacks weights {sorted(missing)[:5]}")
-        if envs.cpu_packed_linear() and can_pack(model):
+        self.weight_bytes_before = self.weight_bytes_after = weight_bytes(model)
+        if self.config.model.quantization is not None:
+            self._quantize(model)
+        elif envs.cpu_packed_linear() and can_pack(model):
             pack_linear_layers(model, batch_hint=self.config.scheduler.max_num_seqs)
         return model.eval()
+
+    def _quantize(self, model: torch.nn.Module) -> None:
+        """Quantized layers keep their codes (dequantized per forward on the CPU), so the
+        oneDNN packing of float weights does not apply to them."""
+        m = self.config.model
+        summary = quantize_model(
+            model, create_quantization_method(m.quantization, m.quantization_group_size)
+        )
+        self.weight_bytes_after = summary.bytes_after
+        logger.info(
+            "quantized %d linear and %d embedding layers to %s (group size %d): weights "
+            "%.1f MiB -> %.1f MiB (%.2fx smaller)",
+            summary.num_linear, summary.num_embedding, summary.method, summary.group_size,
+            summary.bytes_before / 2**20, summary.bytes_after / 2**20, summary.ratio,
+        )  # fmt: skip
 
     def kv_block_bytes(self) -> int:
         cfg, bs = self.hf_config, self.block_size
@@ -107,7 +126,8 @@ class ModelRunner:
             self.states.pop(rid, None)
         for new in out.new_requests:
             p = new.sampling_params
-            gen = None if p.seed is None else torch.Generator().manual_seed(p.seed)
+            # a seeded request draws on the logits' device, from its own generator there
+            gen = None if p.seed is None else torch.Generator(self.device).manual_seed(p.seed)
             self.states[new.request_id] = RequestState(
                 new.request_id,
                 list(new.token_ids),
@@ -132,6 +152,8 @@ class ModelRunner:
         if out.total_num_scheduled_tokens:
             batch = [(self.states[rid], n) for rid, n in out.num_scheduled_tokens.items()]
             inputs = build_step_inputs(batch, self.block_size)
+            if self.device != "cpu":  # built on the host; one copy per step, none on CPU
+                inputs = inputs.to(self.device)
             start = time.perf_counter()
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
             self.last_forward_seconds = time.perf_counter() - start
@@ -147,8 +169,8 @@ class ModelRunner:
         if not inputs.sample_rows:
             return
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_reqs, vocab]
-        meta = build_sampling_metadata(inputs.sample_states, self.eos_token_ids)
-        sampled = self.sampler(logits, meta)
+        meta = build_sampling_metadata(inputs.sample_states, self.eos_token_ids, logits.device)
+        sampled = _to_host(self.sampler(logits, meta))
         tokens = sampled.sampled_token_ids.tolist()
         for row, (state, token) in enumerate(zip(inputs.sample_states, tokens)):
             state.token_ids.append(token)
@@ -170,14 +192,23 @@ class ModelRunner:
                 entries: list[PositionLogprobs | None] = [None] if start == 0 else []
                 if count > 0:
                     logits = self.model.compute_logits(hidden[row : row + count])
-                    targets = torch.tensor(state.token_ids[start + 1 : start + 1 + count])
-                    ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, -1), targets, k)
+                    targets = torch.tensor(
+                        state.token_ids[start + 1 : start + 1 + count], device=logits.device
+                    )
+                    gathered = gather_logprobs(torch.log_softmax(logits, -1), targets, k)
+                    ids, lps, ranks = (t.cpu() for t in gathered)  # no copy on the CPU
                     for i in range(count):
                         entries.append(
                             _position_logprobs(ids[i].tolist(), lps[i].tolist(), int(ranks[i]))
                         )
                 result.prompt_logprobs[state.request_id] = entries
             row += n
+
+
+def _to_host(sampled: SamplerOutput) -> SamplerOutput:
+    """The sampler's results on the CPU, one copy per tensor (the step's sync point);
+    ``Tensor.cpu()`` of a CPU tensor is the tensor itself."""
+    return SamplerOutput(*(None if t is None else t.cpu() for t in sampled))
 
 
 def _position_logprobs(ids: list[int], lps: list[float], rank: int) -> PositionLogprobs:

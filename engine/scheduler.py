@@ -56,6 +56,8 @@ class Scheduler:
         for rid in request_ids:
             if rid in self.leased:
                 self.kv.free(self.leased.pop(rid)[0])
+                if self.connector is not None:
+                    self.connector.lease_released(rid)
             request = self.requests.get(rid)
             if request is None or request.status.finished:
                 continue
@@ -256,6 +258,8 @@ class Scheduler:
         now = time.monotonic()
         for rid in [rid for rid, (_, deadline) in self.leased.items() if deadline < now]:
             self.kv.free(self.leased.pop(rid)[0])
+            if self.connector is not None:
+                self.connector.lease_released(rid)
 
     def _update_transfers(self, finished: FinishedTransfers) -> list[EngineCoreOutput]:
         for rid in finished.sending:
@@ -270,6 +274,8 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED_ABORTED
                 self._free_request(request)
                 error = f"request {rid}: loading its KV from the prefill instance failed"
+                if finished.errors and rid in finished.errors:
+                    error += f": {finished.errors[rid]}"
                 outputs.append(EngineCoreOutput(rid, [], finish_reason="abort", error=error))
                 continue
             if rid in finished.receiving:

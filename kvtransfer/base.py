@@ -24,6 +24,8 @@ class KVTransferParams:
     remote_request_id: str
     remote_block_ids: list[int]
     num_remote_tokens: int
+    remote_host: str = ""  # the prefill connector's data listener ("" in-process)
+    remote_port: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,6 +33,8 @@ class KVTransferParams:
             "remote_request_id": self.remote_request_id,
             "remote_block_ids": list(self.remote_block_ids),
             "num_remote_tokens": self.num_remote_tokens,
+            "remote_host": self.remote_host,
+            "remote_port": self.remote_port,
         }
 
     @classmethod
@@ -41,11 +45,15 @@ class KVTransferParams:
                 remote_request_id=str(data["remote_request_id"]),
                 remote_block_ids=[int(b) for b in data["remote_block_ids"]],
                 num_remote_tokens=int(data["num_remote_tokens"]),
+                remote_host=str(data.get("remote_host", "")),
+                remote_port=int(data.get("remote_port", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"kv_transfer_params: malformed ({e!r})") from e
         if params.num_remote_tokens < 0 or any(b < 0 for b in params.remote_block_ids):
             raise ValueError("kv_transfer_params: negative token count or block id")
+        if not 0 <= params.remote_port < 65536:
+            raise ValueError(f"kv_transfer_params: remote_port {params.remote_port} out of range")
         return params
 
 
@@ -68,6 +76,17 @@ class FinishedTransfers(NamedTuple):
     sending: set[str]  # leased requests whose blocks the remote side has taken
     receiving: set[str]  # requests whose KV has fully arrived
     failed: set[str]  # requests whose load failed
+    errors: dict[str, str] | None = None  # failed request id -> why, for the user
+
+
+class TransferRecord(NamedTuple):
+    """One finished load on the decode side (the services' transfer metrics)."""
+
+    request_id: str
+    num_bytes: int
+    seconds: float
+    ok: bool
+    error: str = ""
 
 
 class KVConnectorScheduler(ABC):
@@ -89,7 +108,14 @@ class KVConnectorScheduler(ABC):
     def request_finished(
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """(keep the blocks until the transfer confirms, kv_transfer_params for the output)."""
+        """(keep the blocks until the transfer confirms, kv_transfer_params for the output).
+
+        Keeping puts the blocks under a lease that ends when the worker side reports the
+        request in ``FinishedTransfers.sending`` or when ``kv_lease_seconds`` pass.
+        """
+
+    def lease_released(self, request_id: str) -> None:  # noqa: B027 (optional hook)
+        """The scheduler dropped a lease (expired or aborted): stop serving its blocks."""
 
 
 class KVConnectorWorker(ABC):
@@ -104,3 +130,20 @@ class KVConnectorWorker(ABC):
     @abstractmethod
     def get_finished(self) -> FinishedTransfers:
         """Transfers that completed (or failed) since the last call."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of this side's data listener; port 0 when it has none."""
+        return ("", 0)
+
+    @property
+    def layout(self) -> dict[str, str | int]:
+        """Model, dtype and KV-cache geometry that a peer must match."""
+        return {}
+
+    def drain_transfer_records(self) -> list[TransferRecord]:
+        """Finished loads since the last call (thread-safe)."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Stop listeners and drop connections; the engine is going away."""

@@ -22,11 +22,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: pathlib.Path, timeout: float = 180.0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: pathlib.Path,
+        timeout: float = 180.0,
+        command_name: str = "serve",  # or "router": the same HTTP API
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "tandem.services.cli", "serve"]
+        self.name = f"tandem {command_name}"
+        command = [sys.executable, "-m", "tandem.services.cli", command_name]
         command += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
         with open(log_path, "wb") as log:
@@ -37,9 +44,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"tandem serve exited with {self.proc.returncode}:\n{self.log()}"
-                )
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -47,7 +52,7 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"tandem serve not ready after {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
+import torch
+
+# Triton picks interpreter or compiler when a kernel is defined, from TRITON_INTERPRET: set
+# it before any test module imports tandem.kernels, so that on a machine without CUDA the
+# kernels run in the interpreter whichever test file loads them first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

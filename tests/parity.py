@@ -82,12 +82,12 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[Refe
     references = []
     try:
         for prompt in prompts:
-            input_ids = torch.tensor([prompt])
+            input_ids = torch.tensor([prompt], device=model.device)  # the model's, CPU or GPU
             mask = torch.ones_like(input_ids)
             out = model.generate(input_ids, attention_mask=mask, generation_config=config)
             token_ids = out.sequences[0, len(prompt) :].tolist()
             assert len(token_ids) == max_new_tokens, "transformers stopped early"
-            logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+            logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1).cpu()
             assert logprobs.argmax(-1).tolist() == token_ids, "transformers' choice is not greedy"
             references.append(Reference(token_ids, logprobs))
     finally:

@@ -21,7 +21,7 @@ from tandem.services.cli import build_parser, engine_options
 
 
 class DyingEngineClient:
-    """Stands in for AsyncLLM: a real tokenizer; every request yields one delta, then the
+    """Stands in for the engine client: a real tokenizer; every request yields one delta, then the
     engine dies."""
 
     def __init__(self, tokenizer) -> None:
@@ -29,6 +29,9 @@ class DyingEngineClient:
         runtime = EngineRuntime(64, 128, frozenset({2}), len(tokenizer))
         stats = EngineStats(0, 0, 0.0, 0, 0, 0)
         self.engine = SimpleNamespace(runtime=runtime, get_stats=lambda: stats)
+        # The EngineClient interface (services/api_server/engine_client.py).
+        self.max_model_len, self.vocab_size = runtime.max_model_len, runtime.vocab_size
+        self.get_stats = self.engine.get_stats
         self.dead_error: BaseException | None = None
 
     async def generate(self, prompt, params, request_id, **kwargs):

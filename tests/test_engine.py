@@ -178,6 +178,17 @@ def test_bad_input_raises_naming_the_field(llm):
         llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
     with pytest.raises(TypeError, match="block_sise"):
         LLM(block_sise=16)
+    # A request continued from elsewhere whose given tokens already hit a stop string.
+    tokenizer = llm.get_tokenizer()
+    done = tokenizer(" Paris.").input_ids
+    with pytest.raises(ValueError, match="output_token_ids"):
+        llm.engine.add_request(
+            "continued",
+            PROMPTS[0],
+            SamplingParams(temperature=0, max_tokens=8, stop=["Paris"]),
+            output_token_ids=done,
+        )
+    assert "continued" not in llm.engine.output_processor.requests
     assert_pool_idle(llm)
 
 

@@ -8,10 +8,22 @@ step; every layer reuses it.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+
+def _fields_to(obj, device: torch.device | str):
+    """A copy of dataclass ``obj`` with every tensor field on ``device``; fields added
+    later move too, so a new tensor cannot be left behind on the host by accident."""
+    moved = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            moved[f.name] = value.to(device, non_blocking=True)
+    return dataclasses.replace(obj, **moved)
 
 
 @dataclass
@@ -23,6 +35,9 @@ class PrefillSpan:
     context_len: int  # tokens of KV after this step (cached prefix + this chunk)
     block_ids: torch.Tensor  # [num_blocks_needed] int64
     mask: torch.Tensor | None  # [query_len, context_len] bool; None: plain causal, no prefix
+
+    def to(self, device: torch.device | str) -> PrefillSpan:
+        return _fields_to(self, device)
 
 
 @dataclass
@@ -36,6 +51,13 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [num_decodes] int64: context length after this step
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillSpan]
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        """This step's metadata on ``device`` (the runner calls it once per step off the
+        CPU; every layer then reads the moved copy)."""
+        moved = _fields_to(self, device)
+        moved.prefills = [span.to(device) for span in self.prefills]
+        return moved
 
 
 class AttentionBackend(ABC):

@@ -133,4 +133,3 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
         paged_decode_attention(
             q[:nd], kv_cache, tables, meta.decode_seq_lens, layer_idx, scale, out[:nd]
         )
-

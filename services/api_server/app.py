@@ -2,19 +2,20 @@
 
 ``create_app(engine_client, config)`` wires the guard middleware (request id, body size,
 API key), OpenAI-shaped error handlers, and one serving object per API family over one
-``AsyncLLM``.
+``EngineClient``: the local engine (``tandem serve``) or prefill and decode instances
+(``tandem router``).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from tandem.services.api_server.config import ServerConfig
-from tandem.services.api_server.errors import bad_request, engine_dead, install_error_handlers
+from tandem.services.api_server.engine_client import EngineClient
+from tandem.services.api_server.errors import bad_request, install_error_handlers
 from tandem.services.api_server.metrics import CONTENT_TYPE, ServerMetrics
 from tandem.services.api_server.middleware import REQUEST_ID_KEY, GuardMiddleware
 from tandem.services.api_server.protocol import (
@@ -30,11 +31,9 @@ from tandem.services.api_server.responses import (
     ModelList,
     TokenizeResponse,
 )
+from tandem.services.api_server.serving import unavailable
 from tandem.services.api_server.serving_chat import ChatServing
 from tandem.services.api_server.serving_completion import CompletionServing
-
-if TYPE_CHECKING:
-    from tandem.engine.async_llm import AsyncLLM
 
 
 def _version() -> str:
@@ -44,24 +43,24 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(engine_client: AsyncLLM, config: ServerConfig) -> FastAPI:
+def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Tandem", version=_version(), docs_url=None, redoc_url=None)
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes
     )
     install_error_handlers(app)
-    metrics = ServerMetrics(config.model_name, engine_client.engine.get_stats)
+    metrics = ServerMetrics(config.model_name, engine_client.get_stats)
     pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenizer")
     completions = CompletionServing(engine_client, config, metrics, pool)
     chat = ChatServing(engine_client, config, metrics, pool)
-    max_model_len = engine_client.engine.runtime.max_model_len
-    vocab_size = engine_client.engine.runtime.vocab_size
+    max_model_len = engine_client.max_model_len
+    vocab_size = engine_client.vocab_size
     tokenizer = engine_client.tokenizer
 
     @app.get("/health")
     async def health() -> Response:
         if engine_client.dead_error is not None:
-            return engine_dead().response()
+            return unavailable(engine_client.dead_error).response()
         return Response(status_code=200)
 
     @app.get("/metrics")

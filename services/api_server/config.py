@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from tandem.engine import envs
 from tandem.engine.config import doc, parse_size
 from tandem.engine.model_loader import DEFAULT_MODEL_NAME
+from tandem.services.flags import add_field_flags
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class ServerConfig:
         (),
         "Names clients use in the 'model' field; the first is the one responses carry. "
         "Default: the model argument, or the default model's name.",
+        nargs="+",
+        type=str,
     )
     api_key: str | None = doc(
         None,
@@ -31,7 +34,7 @@ class ServerConfig:
         30.0, "On SIGTERM, seconds to let running requests finish before exiting."
     )
     max_request_body_bytes: int = doc(
-        8 * 1024 * 1024, "Largest request body accepted (413 above), e.g. '8MiB'."
+        8 * 1024 * 1024, "Largest request body accepted (413 above), e.g. '8MiB'.", type=parse_size
     )
     h11_max_incomplete_event_size: int = doc(
         64 * 1024, "Largest request line plus headers in bytes (400 above)."
@@ -48,43 +51,10 @@ class ServerConfig:
         return self.served_model_name[0]
 
 
-def _help(name: str) -> str:
-    return {f.name: f for f in fields(ServerConfig)}[name].metadata["help"]
-
-
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     """``--host``, ``--port``, ``--served-model-name``, ``--api-key``, ... for ``tandem serve``."""
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default=ServerConfig.host, help=_help("host"))
-    group.add_argument("--port", type=int, default=ServerConfig.port, help=_help("port"))
-    group.add_argument(
-        "--served-model-name", nargs="+", default=None, help=_help("served_model_name")
-    )
-    group.add_argument("--api-key", default=None, help=_help("api_key"))
-    group.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=ServerConfig.shutdown_timeout,
-        help=_help("shutdown_timeout"),
-    )
-    group.add_argument(
-        "--max-request-body-bytes",
-        type=parse_size,
-        default=ServerConfig.max_request_body_bytes,
-        help=_help("max_request_body_bytes"),
-    )
-    group.add_argument(
-        "--h11-max-incomplete-event-size",
-        type=int,
-        default=ServerConfig.h11_max_incomplete_event_size,
-        help=_help("h11_max_incomplete_event_size"),
-    )
-    group.add_argument(
-        "--uvicorn-log-level",
-        default=ServerConfig.uvicorn_log_level,
-        choices=("debug", "info", "warning", "error"),
-        help=_help("uvicorn_log_level"),
-    )
+    flags = [f for f in fields(ServerConfig) if f.name != "model_path"]
+    add_field_flags(parser.add_argument_group("server"), flags)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

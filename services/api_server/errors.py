@@ -96,6 +96,10 @@ def engine_dead() -> APIError:
     )
 
 
+def engine_unavailable(reason: str) -> APIError:
+    return APIError(503, reason, type="server_error", code="engine_unavailable")
+
+
 def body_too_large(limit: int) -> APIError:
     return APIError(
         413,

@@ -5,7 +5,9 @@ hits, preemptions) are read from ``LLMEngine.get_stats()`` at scrape time. Token
 finish reasons and latency histograms are recorded here, per request, as its output deltas
 arrive: time to first token and inter-token latency are measured in the server (from the
 request's arrival at the handler), queue time comes from the engine's
-``RequestOutput.metrics["queue_time"]``.
+``RequestOutput.metrics["queue_time"]``. Behind the router, the decode instance reports how
+long loading a request's KV took and how many bytes moved (``metrics["kv_transfer_seconds"]``
+and ``["kv_transfer_bytes"]``): ``tandem:kv_transfer_seconds`` and ``tandem:kv_transfer_bytes``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 20)
+_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _LATENCY_BUCKETS = (0.3, 0.5, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240, 480, 960)
 
 
@@ -102,6 +105,14 @@ class ServerMetrics:
         self.queue_time = histogram(
             "request_queue_time_seconds", "Engine arrival to first scheduled.", _LATENCY_BUCKETS
         )
+        self.kv_transfer_seconds = histogram(
+            "kv_transfer_seconds",
+            "Time to load one request's KV blocks from a prefill instance.",
+            _TRANSFER_BUCKETS,
+        )
+        self.kv_transfer_bytes = counter(
+            "kv_transfer_bytes", "Bytes of KV blocks loaded from prefill instances."
+        )
 
     def count_finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
@@ -141,6 +152,9 @@ class RequestTracker:
             if c.finish_reason is not None and c.index not in self.finished_indexes:
                 self.finished_indexes.add(c.index)
                 m.count_finished(c.finish_reason)
+        if "kv_transfer_seconds" in output.metrics:  # reported once, with the first delta
+            m.kv_transfer_seconds.observe(output.metrics["kv_transfer_seconds"])
+            m.kv_transfer_bytes.inc(output.metrics.get("kv_transfer_bytes", 0))
         if output.finished and not self.done:
             self.done = True
             m.e2e.observe(now - self.arrival)

@@ -3,11 +3,13 @@
 Shutdown: on SIGTERM (or Ctrl-C) uvicorn closes the listening socket at once, so new
 connections are refused, lets requests in flight finish for up to ``--shutdown-timeout``
 seconds, cancels what is left (which aborts those engine requests), then the engine stops
-and the process exits 0.
+and the process exits 0. ``serve_http`` is that loop for any ``EngineClient``; the router
+(``tandem router``) runs it too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from typing import Any
@@ -17,15 +19,31 @@ from tandem.services.api_server.config import ServerConfig
 logger = logging.getLogger("tandem.api_server")
 
 
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 def run_server(config: ServerConfig, engine_options: dict[str, Any]) -> int:
-    import uvicorn
     from tandem.engine.async_llm import AsyncLLM
     from tandem.services.api_server.app import create_app
+    from tandem.services.api_server.engine_client import LocalEngineClient
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     # The engine loads before the socket opens: /health answers only when it can serve.
-    engine_client = AsyncLLM.from_options(**engine_options)
-    app = create_app(engine_client, config)
+    async_llm = AsyncLLM.from_options(**engine_options)
+    client = LocalEngineClient(async_llm)
+    try:
+        started = asyncio.run(serve_http(create_app(client, config), config, client.max_model_len))
+    finally:
+        async_llm.shutdown()
+    return exit_status(started)
+
+
+async def serve_http(app: Any, config: ServerConfig, max_model_len: int) -> bool:
+    """Serve ``app`` until SIGTERM / Ctrl-C, drained as the module says; False when the
+    server could not start (the port in use ...)."""
+    import uvicorn
+
     uvicorn_config = uvicorn.Config(
         app,
         host=config.host,
@@ -48,13 +66,14 @@ def run_server(config: ServerConfig, engine_options: dict[str, Any]) -> int:
         config.host,
         config.port,
         auth,
-        engine_client.engine.runtime.max_model_len,
+        max_model_len,
     )
-    try:
-        server.run()
-    finally:
-        engine_client.shutdown()
-    if not server.started:
+    await server.serve()
+    return server.started
+
+
+def exit_status(started: bool) -> int:
+    if not started:
         logger.error("the server did not start; see the errors above (is the port in use?)")
         return 1
     logger.info("drained and stopped")

@@ -1,6 +1,6 @@
 """What the completion and chat handlers share: the model check, tokenization off the
-event loop, the context-length check, SamplingParams, and running prompts through
-``AsyncLLM`` (metrics recorded, engine errors turned into API errors, streams merged).
+event loop, the context-length check, SamplingParams, and running prompts through an
+``EngineClient`` (metrics recorded, engine errors turned into API errors, streams merged).
 
 Data flow: body -> ``Prompt``s (tokenized here) -> ``generate`` -> ``(prompt index,
 RequestOutput delta)`` pairs -> the handler folds them into a response or SSE chunks.
@@ -14,7 +14,7 @@ import copy
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -23,10 +23,12 @@ from tandem.engine.async_llm import EngineDeadError
 from tandem.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tandem.engine.sampling_params import RequestOutputKind, SamplingParams
 from tandem.services.api_server.config import ServerConfig
+from tandem.services.api_server.engine_client import EngineClient, EngineUnavailableError
 from tandem.services.api_server.errors import (
     APIError,
     bad_request,
     engine_dead,
+    engine_unavailable,
     from_value_error,
     model_not_found,
 )
@@ -34,9 +36,6 @@ from tandem.services.api_server.metrics import ServerMetrics
 from tandem.services.api_server.protocol import SamplingRequest
 from tandem.services.api_server.responses import Usage, sse
 from tandem.services.api_server.streams import merge_streams, sse_response, until_disconnect
-
-if TYPE_CHECKING:
-    from tandem.engine.async_llm import AsyncLLM
 
 T = TypeVar("T")
 Item = tuple[int, RequestOutput]  # (prompt index, delta)
@@ -47,10 +46,17 @@ class Prompt(NamedTuple):
     token_ids: list[int]
 
 
+def unavailable(dead_error: BaseException) -> APIError:
+    """The 503 for an engine client that cannot serve: dead, or (router) no instance up."""
+    if isinstance(dead_error, EngineUnavailableError):
+        return engine_unavailable(str(dead_error))
+    return engine_dead()
+
+
 class OpenAIServing:
     def __init__(
         self,
-        engine_client: AsyncLLM,
+        engine_client: EngineClient,
         config: ServerConfig,
         metrics: ServerMetrics,
         tokenizer_pool: ThreadPoolExecutor,
@@ -59,7 +65,7 @@ class OpenAIServing:
         self.config = config
         self.metrics = metrics
         self.tokenizer = engine_client.tokenizer
-        self.max_model_len: int = engine_client.engine.runtime.max_model_len
+        self.max_model_len: int = engine_client.max_model_len
         # Tokenizing on the event loop would stall every other request. One shared thread:
         # requests are tokenized in arrival order, and no two server threads ever call the
         # (not thread-safe) HF tokenizer at once.
@@ -69,7 +75,7 @@ class OpenAIServing:
     def check_request(self, model: str | None) -> None:
         """503 when the engine is dead, 404 for a model this server does not serve."""
         if self.engine_client.dead_error is not None:
-            raise engine_dead()
+            raise unavailable(self.engine_client.dead_error)
         if model is not None and model not in self.config.served_model_name:
             raise model_not_found(model, self.config.served_model_name)
 
@@ -145,6 +151,9 @@ class OpenAIServing:
                 yield output
         except EngineDeadError as e:
             raise engine_dead() from e
+        except EngineUnavailableError as e:
+            tracker.discard()
+            raise engine_unavailable(str(e)) from e
         except ValueError as e:  # the engine refused the request: it never ran
             tracker.discard()
             raise from_value_error(e) from e

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible router over prefill and decode instances; see README.md."""

@@ -1,0 +1,181 @@
+"""``RemoteEngineClient``: the router's ``EngineClient``. One request = a ``Prefill`` call on
+the least-loaded prefill instance, then a ``Decode`` stream on the least-loaded decode
+instance, whose deltas are what the OpenAI layer sees.
+
+The decode instance detokenizes (it is handed the first token, so its text and stop
+strings are exactly what a colocated engine produces) and its first delta carries the
+first token too. A request the decode instance should run alone (short prompt, or one
+whose answer a split run could change: several samples, logprobs, a seeded random
+sampler) skips the prefill hop. Closing the stream cancels whichever call is open, which
+aborts the engine request there; a lease no decode call took over is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from tandem.engine.llm_engine import EngineStats
+from tandem.engine.outputs import CompletionOutput, RequestOutput
+from tandem.engine.sampling_params import SamplingParams
+from tandem.proto import tandem_pb2 as pb
+from tandem.services.api_server.engine_client import EngineClient, EngineUnavailableError
+from tandem.services.pd.convert import delta_from_proto, generate_request_to_proto
+from tandem.services.router.instances import Instance, InstancePool
+
+logger = logging.getLogger("tandem.router")
+
+
+def runs_alone(prompt: dict[str, Any], params: SamplingParams, min_remote_tokens: int) -> bool:
+    """Whether the decode instance should compute this prompt itself.
+
+    A split run hands over exactly one sample and its first token only: several samples
+    need the prompt per sample; the first token's logprobs would be lost; a seeded random
+    sampler would start its generator afresh on the second instance.
+    """
+    return (
+        len(prompt["prompt_token_ids"]) < min_remote_tokens
+        or params.n > 1
+        or params.logprobs is not None
+        or (params.seed is not None and not params.greedy)
+    )
+
+
+class RemoteEngineClient(EngineClient):
+    def __init__(self, pool: InstancePool, tokenizer: Any, min_remote_tokens: int) -> None:
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.min_remote_tokens = min_remote_tokens
+        infos = [i.info for i in pool.instances]
+        self.max_model_len = min(info.max_model_len for info in infos)
+        self.vocab_size = min(info.vocab_size for info in infos)
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        if not any(i.healthy for i in self.pool.of_role("decode")):
+            return EngineUnavailableError("no decode instance is reachable; see the router log")
+        return None
+
+    def get_stats(self) -> EngineStats:
+        return self.pool.stats()
+
+    async def generate(
+        self, prompt: dict[str, Any], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        message = generate_request_to_proto(request_id, prompt, params)
+        with_logprobs = params.logprobs is not None
+        decode_request = pb.DecodeRequest(request=message)
+        prefill: Instance | None = None
+        try:
+            if self.pool.of_role("prefill") and not runs_alone(
+                prompt, params, self.min_remote_tokens
+            ):
+                prefill, response = await self._prefill(message)
+                if response is not None and response.output.finished:  # no decode hop
+                    yield delta_from_proto(response.output, request_id, prompt, with_logprobs)
+                    return
+                if response is not None:
+                    decode_request.output_token_ids.extend(response.output.outputs[0].token_ids)
+                    decode_request.kv_transfer_params.CopyFrom(response.kv_transfer_params)
+            async with contextlib.aclosing(_decode_hop(self.pool, decode_request, prefill)) as hop:
+                async for delta in hop:
+                    yield delta_from_proto(delta, request_id, prompt, with_logprobs)
+        except RemoteFailure as e:
+            yield _failed(request_id, prompt, str(e))
+
+    async def _prefill(
+        self, message: pb.GenerateRequest
+    ) -> tuple[Instance | None, pb.PrefillResponse | None]:
+        """(instance, its answer); (None, None) when no prefill instance can take it, and
+        the decode instance runs the prompt itself."""
+        try:
+            prefill = self.pool.pick("prefill")
+            response = await _prefill_hop(prefill, message)
+        except EngineUnavailableError as e:
+            logger.warning("%s; request %s runs on a decode instance alone", e, message.request_id)
+            return None, None
+        if not response.output.finished and (
+            not response.HasField("kv_transfer_params") or not response.output.outputs
+        ):
+            raise RemoteFailure(f"prefill instance {prefill.address} sent no KV handle")
+        return prefill, response
+
+
+class RemoteFailure(RuntimeError):
+    """An instance failed a request it had taken; the message says which and how."""
+
+
+async def _prefill_hop(prefill: Instance, message: pb.GenerateRequest) -> pb.PrefillResponse:
+    prefill.num_in_flight += 1
+    try:
+        return await prefill.stub.Prefill(message)
+    except grpc.aio.AioRpcError as e:
+        raise _api_error(prefill, e) from e
+    except asyncio.CancelledError:  # the client went away; the lease may exist already
+        await _release(prefill, message.request_id)
+        raise
+    finally:
+        prefill.num_in_flight -= 1
+
+
+async def _decode_hop(
+    pool: InstancePool, request: pb.DecodeRequest, prefill: Instance | None
+) -> AsyncIterator[pb.RequestDelta]:
+    """The decode call's messages; closing this cancels the call. Until its first message
+    the prefill lease is this hop's to release if it ends (the decode side confirms
+    receipt itself, before its first token)."""
+    received = False
+    try:
+        decode = pool.pick("decode")
+        decode.num_in_flight += 1
+        call = decode.stub.Decode(request)
+        try:
+            async for message in call:
+                received = True
+                yield message
+        except grpc.aio.AioRpcError as e:
+            if not received:
+                raise _api_error(decode, e) from e
+            raise RemoteFailure(f"decode instance {decode.address}: {e.details()}") from e
+        finally:
+            call.cancel()
+            decode.num_in_flight -= 1
+    finally:
+        if not received:
+            await _release(prefill, request.request.request_id)
+
+
+def _api_error(instance: Instance, error: grpc.aio.AioRpcError) -> Exception:
+    where = f"{instance.role} instance {instance.address}"
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(error.details())  # the engine's message, naming the field
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        instance.healthy = False  # until a poll finds it serving again
+        return EngineUnavailableError(f"{where} is unavailable: {error.details()}")
+    return RemoteFailure(f"{where} failed the request: {error.code().name}: {error.details()}")
+
+
+async def _release(prefill: Instance | None, request_id: str) -> None:
+    """Drop a lease no decode call took over (best effort: it expires anyway)."""
+    if prefill is None:
+        return
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await prefill.stub.Release(pb.ReleaseRequest(request_id=request_id), timeout=5)
+
+
+def _failed(request_id: str, prompt: dict[str, Any], error: str) -> RequestOutput:
+    """A last delta saying the request failed mid-stream."""
+    sample = CompletionOutput(0, "", [], None, None, finish_reason="abort")
+    return RequestOutput(
+        request_id,
+        prompt.get("prompt"),
+        list(prompt["prompt_token_ids"]),
+        None,
+        [sample],
+        True,
+        metrics={"error": error},
+    )
