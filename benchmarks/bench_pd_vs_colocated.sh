@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
 done
 TANDEM="${TANDEM:-.venv/bin/tandem}"
 OUT="${OUT_DIR:-$(mktemp -d)}"
+mkdir -p "$OUT"
 PORT="${PORT:-8011}"
 URL="http://127.0.0.1:$PORT"
 ENGINE=(--kv-cache-memory 512MiB --max-model-len $((INPUT_LEN + OUTPUT_LEN + 64)))
