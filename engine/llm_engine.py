@@ -19,7 +19,7 @@ from tandem.engine.kv_events import KVCacheEvent
 from tandem.engine.model_loader import load_hf_config, resolve_model_path
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.output_processor import OutputProcessor, SampleState, UserRequestState
-from tandem.engine.outputs import RequestOutput
+from tandem.engine.outputs import PositionLogprobs, RequestOutput
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
@@ -108,15 +108,21 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         output_token_ids: list[int] | None = None,
+        output_logprobs: list[PositionLogprobs] | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
     ) -> str:
-        """Queue a request; ``output_token_ids`` continues one prefilled elsewhere."""
+        """Queue a request; ``output_token_ids`` continues one prefilled elsewhere, and
+        ``output_logprobs`` (one position per continued token, when the request asks for
+        logprobs) are those tokens' logprobs as that engine computed them."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids, salt = self.tokenize(prompt)
         self._check_prompt(token_ids, output_token_ids or [])
         params = params or SamplingParams()
+        continued_logprobs, cumulative = _continued_logprobs(
+            params, output_token_ids or [], output_logprobs
+        )
         params.all_stop_token_ids = set(params.stop_token_ids or [])
         samples: dict[str, SampleState] = {}
         requests: list[Request] = []
@@ -145,7 +151,13 @@ class LLMEngine:
                     "output_token_ids: the continued tokens already end the request "
                     "at one of its stop strings"
                 )
-            samples[engine_id] = SampleState(index, detok, list(output_token_ids or []))
+            samples[engine_id] = SampleState(
+                index,
+                detok,
+                list(output_token_ids or []),
+                None if continued_logprobs is None else list(continued_logprobs),
+                cumulative,
+            )
         self.output_processor.add_request(
             UserRequestState(request_id, text, token_ids, params, samples)
         )
@@ -210,3 +222,33 @@ class LLMEngine:
             prefix_cache_hits=s.kv.stats.num_hits,
             num_preemptions=s.num_preemptions,
         )
+
+
+def _continued_logprobs(
+    params: SamplingParams, output_token_ids: list[int], output_logprobs: Any
+) -> tuple[list[PositionLogprobs] | None, float | None]:
+    """(the continued tokens' logprobs, their cumulative logprob), checked against the
+    tokens; (None, None) when the request asks for no logprobs or continues none. A request
+    with logprobs continued without them would list fewer positions than tokens."""
+    if params.logprobs is None or not output_token_ids:
+        if output_logprobs:
+            raise ValueError(
+                "output_logprobs: given for a request that asks for no logprobs "
+                "or continues no output_token_ids"
+            )
+        return None, None
+    if output_logprobs is None or len(output_logprobs) != len(output_token_ids):
+        given = "none" if output_logprobs is None else len(output_logprobs)
+        raise ValueError(
+            f"output_logprobs: the request asks for logprobs, so each of its "
+            f"{len(output_token_ids)} output_token_ids needs a position ({given} given)"
+        )
+    positions: list[PositionLogprobs] = []
+    for i, (token, position) in enumerate(zip(output_token_ids, output_logprobs)):
+        if not isinstance(position, dict) or token not in position:
+            raise ValueError(f"output_logprobs: position {i} lacks its token {token}")
+        positions.append(dict(position))
+    cumulative = 0.0
+    for token, position in zip(output_token_ids, positions):  # in order, as the engine sums
+        cumulative += position[token].logprob
+    return positions, cumulative

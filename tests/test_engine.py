@@ -192,6 +192,55 @@ def test_bad_input_raises_naming_the_field(llm):
     assert_pool_idle(llm)
 
 
+def run_until_finished(llm: LLM, request_id: str):
+    """Step the engine until ``request_id`` finishes; its final output."""
+    while llm.engine.has_unfinished_requests():
+        for output in llm.engine.step():
+            if output.request_id == request_id and output.finished:
+                return output
+    raise AssertionError(f"request {request_id} never finished")
+
+
+def test_continued_request_keeps_the_given_logprobs(llm):
+    """Tokens continued with their logprobs: the same logprobs and cumulative logprob as
+    one uninterrupted run."""
+
+    def params() -> SamplingParams:
+        return SamplingParams(temperature=0, max_tokens=8, logprobs=2)
+
+    want = llm.generate(PROMPTS[1], params(), use_tqdm=False)[0].outputs[0]
+    llm.engine.add_request(
+        "continued-lp",
+        PROMPTS[1],
+        params(),
+        output_token_ids=want.token_ids[:2],
+        output_logprobs=want.logprobs[:2],
+    )
+    got = run_until_finished(llm, "continued-lp").outputs[0]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == len(got.token_ids)
+    for position, wanted in zip(got.logprobs, want.logprobs):
+        assert position.keys() == wanted.keys()
+        for token, lp in wanted.items():
+            assert position[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
+            assert (position[token].rank, position[token].decoded_token) == lp[1:]
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-3)
+    first = want.token_ids[:1]
+    other = next(t for t in range(100) if t not in want.logprobs[0])
+    for with_logprobs, given in [
+        (True, None),  # a first token without its logprobs
+        (True, want.logprobs[:2]),  # two positions for one token
+        (True, [{other: want.logprobs[0][first[0]]}]),  # a position lacking its token
+        (False, want.logprobs[:1]),  # logprobs the request did not ask for
+    ]:
+        bad = params() if with_logprobs else SamplingParams(temperature=0, max_tokens=8)
+        with pytest.raises(ValueError, match="output_logprobs"):
+            llm.engine.add_request(
+                "bad-lp", PROMPTS[1], bad, output_token_ids=first, output_logprobs=given
+            )
+        assert "bad-lp" not in llm.engine.output_processor.requests
+    assert_pool_idle(llm)
+
+
 def test_async_engine_streams_deltas_and_aborts():
     engine = AsyncLLM.from_options(dtype="float32", kv_cache_memory="64MiB")
 

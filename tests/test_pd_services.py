@@ -15,7 +15,7 @@ import pytest
 from pd_helpers import wait_idle
 from tandem.engine import LLM, SamplingParams
 from tandem.proto import tandem_pb2 as pb
-from tandem.services.pd.convert import generate_request_to_proto
+from tandem.services.pd.convert import generate_request_to_proto, logprobs_from_proto
 
 PROMPTS = [
     "The capital of France is",
@@ -41,6 +41,8 @@ def split_run(instances, prompt: dict, params: SamplingParams, request_id: str):
         deltas = [first.output]
     else:
         request.output_token_ids.extend(first.output.outputs[0].token_ids)
+        if params.logprobs is not None:
+            request.output_logprobs.extend(first.output.outputs[0].logprobs)
         request.kv_transfer_params.CopyFrom(first.kv_transfer_params)
         deltas = list(decode.Decode(request, timeout=60))
     text = "".join(c.text for d in deltas for c in d.outputs)
@@ -82,6 +84,22 @@ def test_split_run_equals_colocated(instances, instance_services, llm, stop):
             deltas[-1].outputs[0].finish_reason
             == {"stop": 1, "length": 2}[want.outputs[0].finish_reason]
         )
+    wait_idle(*instance_services)
+
+
+def test_split_run_carries_the_first_tokens_logprobs(instances, instance_services, llm):
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=2)
+    want = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
+    _, ids, deltas = split_run(instances, tokenize(llm, PROMPTS[1]), params, "with-logprobs")
+    got = logprobs_from_proto([p for d in deltas for c in d.outputs for p in c.logprobs])
+    assert ids == want.token_ids and len(got) == len(ids)
+    for position, wanted in zip(got, want.logprobs):
+        assert position.keys() == wanted.keys()
+        for token, lp in wanted.items():
+            assert position[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
+            assert (position[token].rank, position[token].decoded_token) == lp[1:]
+    cumulative = deltas[-1].outputs[0].cumulative_logprob
+    assert cumulative == pytest.approx(want.cumulative_logprob, abs=1e-3)
     wait_idle(*instance_services)
 
 
@@ -156,6 +174,13 @@ def test_bad_requests_name_the_field(instances, instance_services, llm):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith("top_p")
     message.sampling_params.top_p = 1.0
+    message.sampling_params.logprobs = 1  # a first token without its logprobs
+    request = pb.DecodeRequest(request=message, output_token_ids=[42])
+    with pytest.raises(grpc.RpcError) as info:
+        list(instances[1].Decode(request, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("output_logprobs")
+    message.sampling_params.ClearField("logprobs")
     message.sampling_params.n = 2
     with pytest.raises(grpc.RpcError, match="n: a prefill instance runs one sample"):
         instances[0].Prefill(message, timeout=10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 
 import httpx
 import openai
@@ -95,21 +96,42 @@ def test_streaming_chat_equals_whole_chat(http, llm):
     assert "".join(chunks) == whole == want.outputs[0].text
 
 
+def prefill_lookups(instance_services) -> int:
+    """Prefix-cache lookups on the prefill instance: it grows with every prompt it runs."""
+    return instance_services[0].InstanceInfo(pb.InstanceInfoRequest()).load.prefix_cache_queries
+
+
 def test_requests_the_decode_instance_runs_alone(http, llm, instance_services):
-    """Short prompts, several samples and logprobs skip the prefill hop, same answers."""
-
-    def prefill_lookups() -> int:
-        return instance_services[0].InstanceInfo(pb.InstanceInfoRequest()).load.prefix_cache_queries
-
-    before = prefill_lookups()
+    """Short prompts and several samples skip the prefill hop, same answers."""
+    before = prefill_lookups(instance_services)
     short = complete(http, "Hi")["choices"][0]["text"]
     assert short == llm.generate("Hi", SamplingParams(**GREEDY), use_tqdm=False)[0].outputs[0].text
     two = complete(http, PROMPTS[1], n=2)["choices"]
     want = llm.generate(PROMPTS[1], SamplingParams(**GREEDY), use_tqdm=False)[0].outputs[0].text
     assert [c["text"] for c in two] == [want, want]
-    with_logprobs = complete(http, PROMPTS[1], logprobs=2)["choices"][0]
-    assert len(with_logprobs["logprobs"]["tokens"]) == GREEDY["max_tokens"]
-    assert prefill_lookups() == before  # the prefill instance never saw them
+    assert prefill_lookups(instance_services) == before  # the prefill instance never saw them
+
+
+def test_logprobs_take_the_split_path_and_equal_colocated(http, llm, instance_services):
+    """The first token's logprobs cross from the prefill to the decode instance: one
+    position per token, each as colocated computes it."""
+    before = prefill_lookups(instance_services)
+    got = complete(http, PROMPTS[3], logprobs=2)["choices"][0]
+    assert prefill_lookups(instance_services) > before  # the prefill instance ran it
+    params = SamplingParams(**GREEDY, logprobs=2)
+    want = llm.generate(PROMPTS[3], params, use_tqdm=False)[0].outputs[0]
+    chosen = [position[t] for t, position in zip(want.token_ids, want.logprobs)]
+    assert got["text"] == want.text
+    assert got["logprobs"]["tokens"] == [lp.decoded_token for lp in chosen]
+    assert len(got["logprobs"]["tokens"]) == len(want.token_ids) == GREEDY["max_tokens"]
+    assert got["logprobs"]["token_logprobs"] == pytest.approx(
+        [lp.logprob for lp in chosen], abs=1e-4
+    )
+    for top, position in zip(got["logprobs"]["top_logprobs"], want.logprobs):
+        wanted = {lp.decoded_token: lp.logprob for lp in position.values()}
+        assert top.keys() == wanted.keys()
+        assert top == pytest.approx(wanted, abs=1e-4)
+    wait_idle(*instance_services)
 
 
 def test_request_id_crosses_both_hops(http, pair):
@@ -150,6 +172,10 @@ def test_bad_requests_and_metrics(router, http):
     assert router.metric("tandem:kv_transfer_seconds_count") >= 1
     assert router.metric("tandem:kv_transfer_bytes_total") > 0
     assert router.metric("tandem:time_to_first_token_seconds_count") >= 1
+    # The gauge is the instances' load as of the router's last poll (every 0.5 s).
+    deadline = time.monotonic() + 5
+    while router.metric("tandem:num_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert router.metric("tandem:num_requests_running") == 0
 
 

@@ -113,7 +113,8 @@ def kv_params_from_proto(msg: pb.KVTransferParams) -> dict[str, Any]:
     return params
 
 
-def _logprobs_to_proto(positions: list[PositionLogprobs]) -> list[pb.PositionLogprobs]:
+def logprobs_to_proto(positions: list[PositionLogprobs]) -> list[pb.PositionLogprobs]:
+    """Per-position logprobs (a delta's, or a continued request's) as messages."""
     out = []
     for position in positions:
         entries = [
@@ -129,7 +130,8 @@ def _logprobs_to_proto(positions: list[PositionLogprobs]) -> list[pb.PositionLog
     return out
 
 
-def _logprobs_from_proto(positions: list[pb.PositionLogprobs]) -> list[PositionLogprobs]:
+def logprobs_from_proto(positions: list[pb.PositionLogprobs]) -> list[PositionLogprobs]:
+    """The reverse of ``logprobs_to_proto``."""
     return [
         {
             e.token_id: Logprob(
@@ -146,7 +148,7 @@ def _completion_to_proto(c: CompletionOutput) -> pb.CompletionDelta:
         index=c.index,
         text=c.text,
         token_ids=c.token_ids,
-        logprobs=_logprobs_to_proto(c.logprobs or []),
+        logprobs=logprobs_to_proto(c.logprobs or []),
         cumulative_logprob=c.cumulative_logprob,
         finish_reason=_FINISH_TO_PROTO[c.finish_reason],
     )
@@ -164,7 +166,7 @@ def _completion_from_proto(msg: pb.CompletionDelta, with_logprobs: bool) -> Comp
         text=msg.text,
         token_ids=list(msg.token_ids),
         cumulative_logprob=msg.cumulative_logprob if msg.HasField("cumulative_logprob") else None,
-        logprobs=_logprobs_from_proto(msg.logprobs) if with_logprobs else None,
+        logprobs=logprobs_from_proto(msg.logprobs) if with_logprobs else None,
         finish_reason=_FINISH_FROM_PROTO[msg.finish_reason],
         stop_reason=None if kind is None else getattr(msg, kind),
     )

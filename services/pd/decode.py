@@ -1,7 +1,8 @@
 """The decode service: ``Decode`` continues a request from the prefill instance's first
-token and ``KVTransferParams`` (or, without them, runs the prompt itself) and streams its
-deltas: text (detokenized and cut at stop strings here, as colocated), token ids, logprobs,
-finish reason and, once, how long loading its KV took and how many bytes moved.
+token (with its logprobs, when asked for) and ``KVTransferParams`` (or, without them, runs
+the prompt itself) and streams its deltas: text (detokenized and cut at stop strings here,
+as colocated), token ids, logprobs, finish reason and, once, how long loading its KV took
+and how many bytes moved.
 
 Cancelling the call aborts the engine request, which frees its blocks.
 """
@@ -18,6 +19,7 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.services.pd.convert import (
     delta_to_proto,
     kv_params_from_proto,
+    logprobs_from_proto,
     prompt_from_proto,
     sampling_params_from_proto,
 )
@@ -80,6 +82,8 @@ class DecodeServicer(RoleServicer, pb_grpc.DecodeServiceServicer):
             kwargs: dict[str, Any] = {}
             if request.output_token_ids:
                 kwargs["output_token_ids"] = list(request.output_token_ids)
+            if request.output_logprobs:  # the engine checks them against the tokens
+                kwargs["output_logprobs"] = logprobs_from_proto(request.output_logprobs)
             if request.HasField("kv_transfer_params"):
                 kwargs["kv_transfer_params"] = kv_params_from_proto(request.kv_transfer_params)
             stream = self.async_llm.generate(

@@ -4,10 +4,12 @@ instance, whose deltas are what the OpenAI layer sees.
 
 The decode instance detokenizes (it is handed the first token, so its text and stop
 strings are exactly what a colocated engine produces) and its first delta carries the
-first token too. A request the decode instance should run alone (short prompt, or one
-whose answer a split run could change: several samples, logprobs, a seeded random
-sampler) skips the prefill hop. Closing the stream cancels whichever call is open, which
-aborts the engine request there; a lease no decode call took over is released.
+first token too, with its logprobs when asked for (the prefill instance sends them; the
+decode instance starts its logprobs and cumulative logprob from them). A request the
+decode instance should run alone (short prompt, or one whose answer a split run could
+change: several samples, a seeded random sampler) skips the prefill hop. Closing the
+stream cancels whichever call is open, which aborts the engine request there; a lease no
+decode call took over is released.
 """
 
 from __future__ import annotations
@@ -33,14 +35,13 @@ logger = logging.getLogger("tandem.router")
 def runs_alone(prompt: dict[str, Any], params: SamplingParams, min_remote_tokens: int) -> bool:
     """Whether the decode instance should compute this prompt itself.
 
-    A split run hands over exactly one sample and its first token only: several samples
-    need the prompt per sample; the first token's logprobs would be lost; a seeded random
-    sampler would start its generator afresh on the second instance.
+    A split run hands over exactly one sample, its first token and that token's logprobs:
+    several samples need the prompt per sample; a seeded random sampler would start its
+    generator afresh on the second instance.
     """
     return (
         len(prompt["prompt_token_ids"]) < min_remote_tokens
         or params.n > 1
-        or params.logprobs is not None
         or (params.seed is not None and not params.greedy)
     )
 
@@ -79,7 +80,10 @@ class RemoteEngineClient(EngineClient):
                     yield delta_from_proto(response.output, request_id, prompt, with_logprobs)
                     return
                 if response is not None:
-                    decode_request.output_token_ids.extend(response.output.outputs[0].token_ids)
+                    first = response.output.outputs[0]
+                    decode_request.output_token_ids.extend(first.token_ids)
+                    if with_logprobs:  # the decode side's logprobs start with the first's
+                        decode_request.output_logprobs.extend(first.logprobs)
                     decode_request.kv_transfer_params.CopyFrom(response.kv_transfer_params)
             async with contextlib.aclosing(_decode_hop(self.pool, decode_request, prefill)) as hop:
                 async for delta in hop:
