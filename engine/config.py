@@ -181,21 +181,10 @@ class EngineConfig:
         return config
 
     def validate(self) -> None:
+        self._check_choices()
         m, c, s = self.model, self.cache, self.scheduler
-        if m.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {m.dtype!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {m.max_model_len}")
-        if m.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization must be 'int8' or 'int4', got {m.quantization!r}")
-        if m.quantization_group_size not in (32, 64, 128):
-            raise ValueError(
-                f"quantization_group_size must be 32, 64 or 128, got {m.quantization_group_size}"
-            )
-        if m.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {m.device!r}")
-        if m.attention_backend not in (None, "torch", "cpu", "triton"):
-            raise ValueError(f"attention_backend: unknown backend {m.attention_backend!r}")
         if c.block_size < 1 or c.block_size & (c.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {c.block_size}")
         if c.num_kv_blocks is not None and c.num_kv_blocks < 2:
@@ -205,19 +194,24 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {s.max_num_seqs}")
         if s.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {s.max_num_batched_tokens}")
-        if s.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {s.role!r}")
         if s.role != "both" and self.transfer.kv_connector is None:
             raise ValueError(f"role {s.role!r} needs a kv_connector")
         t = self.transfer
-        if t.kv_connector not in (None, "loopback", "ucx", "nccl"):
-            raise ValueError(f"kv_connector: unknown connector {t.kv_connector!r}")
         if not 0 <= t.kv_transfer_port < 65536:
             raise ValueError(f"kv_transfer_port must be in [0, 65535], got {t.kv_transfer_port}")
         if t.kv_transfer_timeout <= 0:
             raise ValueError(f"kv_transfer_timeout must be > 0, got {t.kv_transfer_timeout}")
-        if self.transfer.kv_load_failure_policy not in ("recompute", "fail"):
-            raise ValueError("kv_load_failure_policy must be 'recompute' or 'fail'")
+
+    def _check_choices(self) -> None:
+        """Every field declared with ``choices`` holds one of them (or its None default):
+        the declaration is the one list, for the flags and for this check alike."""
+        for name, (section, f) in self.option_fields().items():
+            value = getattr(getattr(self, section), name)
+            if value is None and f.default is None:
+                continue
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                choices = tuple(f.metadata["choices"])
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -244,11 +244,10 @@ def _continued_logprobs(
             f"{len(output_token_ids)} output_token_ids needs a position ({given} given)"
         )
     positions: list[PositionLogprobs] = []
+    cumulative = 0.0
     for i, (token, position) in enumerate(zip(output_token_ids, output_logprobs)):
         if not isinstance(position, dict) or token not in position:
             raise ValueError(f"output_logprobs: position {i} lacks its token {token}")
         positions.append(dict(position))
-    cumulative = 0.0
-    for token, position in zip(output_token_ids, positions):  # in order, as the engine sums
-        cumulative += position[token].logprob
+        cumulative += position[token].logprob  # in order, as the output processor sums
     return positions, cumulative

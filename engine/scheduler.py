@@ -55,9 +55,7 @@ class Scheduler:
         """Abort (or stop on a stop string) requests in any state; their blocks go back."""
         for rid in request_ids:
             if rid in self.leased:
-                self.kv.free(self.leased.pop(rid)[0])
-                if self.connector is not None:
-                    self.connector.lease_released(rid)
+                self._drop_lease(rid)
             request = self.requests.get(rid)
             if request is None or request.status.finished:
                 continue
@@ -257,9 +255,14 @@ class Scheduler:
     def _expire_leases(self) -> None:
         now = time.monotonic()
         for rid in [rid for rid, (_, deadline) in self.leased.items() if deadline < now]:
-            self.kv.free(self.leased.pop(rid)[0])
-            if self.connector is not None:
-                self.connector.lease_released(rid)
+            self._drop_lease(rid)
+
+    def _drop_lease(self, rid: str) -> None:
+        """Free a lease nobody took (expired or aborted) and tell the connector to stop
+        serving its blocks; a lease the decode side took ends in ``_update_transfers``."""
+        self.kv.free(self.leased.pop(rid)[0])
+        if self.connector is not None:
+            self.connector.lease_released(rid)
 
     def _update_transfers(self, finished: FinishedTransfers) -> list[EngineCoreOutput]:
         for rid in finished.sending:
