@@ -70,7 +70,7 @@ def _ready(child: subprocess.Popen) -> dict:
 
 
 def _child(*args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tandem.benchmarks.kvtransfer", *args]
+    cmd = [sys.executable, "-P", "-m", "tandem.benchmarks.kvtransfer", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 

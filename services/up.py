@@ -26,6 +26,7 @@ from typing import Any
 
 from tandem.engine.config import EngineConfig
 from tandem.services.api_server.config import ServerConfig
+from tandem.services.launch import tandem_argv
 from tandem.services.router.config import RouterConfig
 
 _POLL_SECONDS = 0.25
@@ -87,7 +88,7 @@ def child_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
     if args.num_prefill < 0 or args.num_decode < 1:
         raise ValueError("--decode must be >= 1 and --prefill >= 0")
-    base = [sys.executable, "-m", "tandem.services.cli"]
+    base = tandem_argv()
     model = [args.model] if args.model else []
     engine_flags: list[str] = []
     for _, (_, f) in EngineConfig.option_fields().items():

@@ -9,10 +9,10 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
+from tandem.services.launch import tandem_argv
 
 
 def free_port() -> int:
@@ -33,7 +33,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.name = f"tandem {command_name}"
-        command = [sys.executable, "-m", "tandem.services.cli", command_name]
+        command = tandem_argv(command_name)
         command += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
         with open(log_path, "wb") as log:

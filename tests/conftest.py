@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import pytest
-import torch
+
+# `python -m pytest` puts the working directory (the checkout) first on sys.path, where
+# the repository's `kernels/` would shadow Hugging Face's `kernels` package that
+# transformers imports; Tandem's folders are importable as `tandem.*` without it.
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and pathlib.Path(p).resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 # Triton picks interpreter or compiler when a kernel is defined, from TRITON_INTERPRET: set
 # it before any test module imports tandem.kernels, so that on a machine without CUDA the

@@ -11,7 +11,6 @@ import pathlib
 import random
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ import pytest
 from api_server_process import free_port
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.services.launch import tandem_argv
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 ENGINE_OPTIONS = dict(dtype="float32", num_kv_blocks=64, max_model_len=256)
@@ -209,7 +209,7 @@ class Process:
 
     def __init__(self, args: list[str], log_path: pathlib.Path, env: dict | None = None) -> None:
         self.log_path = log_path
-        command = [sys.executable, "-m", "tandem.services.cli", *args]
+        command = tandem_argv(*args)
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         full_env.pop("TANDEM_API_KEY", None)
         with open(log_path, "wb") as log:

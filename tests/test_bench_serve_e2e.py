@@ -12,7 +12,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,6 +19,7 @@ import urllib.request
 import pytest
 from aiohttp import web
 from tandem.services.cli import build_parser, main
+from tandem.services.launch import tandem_argv
 
 
 def free_port() -> int:
@@ -181,8 +181,8 @@ def _get(url: str) -> str:
 def tandem_server(log_path):
     """A real `tandem serve` on a free loopback port, ended (SIGTERM) on exit."""
     port = free_port()
-    command = [sys.executable, "-m", "tandem.services.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--kv-cache-memory", "256MiB"]  # fmt: skip
+    command = tandem_argv("serve", "--host", "127.0.0.1", "--port", str(port),
+                          "--kv-cache-memory", "256MiB")  # fmt: skip
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -213,7 +213,7 @@ def _token_counters(base_url: str) -> tuple[float, float]:
 
 
 def _bench(base_url: str, result_file, *extra: str) -> dict:
-    command = [sys.executable, "-m", "tandem.services.cli", "bench", "serve",
+    command = [*tandem_argv("bench", "serve"),
                "--base-url", base_url, "--dataset-name", "random", "--random-input-len", "32",
                "--random-output-len", "8", "--ignore-eos", "--save-result", "--save-detailed",
                "--result-file", str(result_file), *extra]  # fmt: skip

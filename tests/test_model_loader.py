@@ -45,7 +45,7 @@ def default_conversion(tmp_path_factory: pytest.TempPathFactory) -> ConversionRu
     start = time.monotonic()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _RESOLVE_DEFAULT],
+            [sys.executable, "-P", "-c", _RESOLVE_DEFAULT],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -252,7 +252,7 @@ def test_kernel_compiles_for_a_gpu(tmp_path):
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
     env.pop("TRITON_INTERPRET", None)
     tests_dir = str(pathlib.Path(__file__).parent)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, tests_dir], env=env,
+    proc = subprocess.run([sys.executable, "-P", "-c", _COMPILE, tests_dir], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("bytes") == 4, proc.stdout

@@ -195,6 +195,7 @@ def test_incompatible_instances_stop_the_router(model_dir, pair, tmp_path):
 def test_up_builds_child_commands_that_parse():
     """``tandem up``'s children get the flags it was given, and their command lines parse."""
     from tandem.services.cli import build_parser, engine_options
+    from tandem.services.launch import tandem_argv
     from tandem.services.pd.server import instance_config
     from tandem.services.router.config import router_config
     from tandem.services.up import child_commands
@@ -203,7 +204,8 @@ def test_up_builds_child_commands_that_parse():
     argv += ["--kv-transport", "nccl", "--remote-prefill-min-tokens", "8", "--api-key", "k"]
     children = dict(child_commands(build_parser().parse_args(argv)))
     assert sorted(children) == ["decode-0", "prefill-0", "prefill-1", "router"]
-    parsed = {name: build_parser().parse_args(cmd[3:]) for name, cmd in children.items()}
+    prefix = len(tandem_argv())  # the interpreter and its flags
+    parsed = {name: build_parser().parse_args(cmd[prefix:]) for name, cmd in children.items()}
     router = parsed["router"]
     assert (router.command, router.model, router.port, router.api_key) == (
         "router",

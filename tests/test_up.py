@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 from api_server_process import free_port
 from pd_helpers import ENGINE_OPTIONS
 from tandem.engine import SamplingParams
+from tandem.services.launch import tandem_argv
 
 pytestmark = pytest.mark.timeout(240)
 model_dir, llm = pd_helpers.FIXTURES[:2]  # the tiny model and its colocated LLM
@@ -26,7 +26,7 @@ GREEDY = {"temperature": 0, "max_tokens": 8}
 def test_tandem_up_serves_and_stops_cleanly(model_dir, llm, tmp_path):
     """``tandem up``: children started, one answer equal to colocated, SIGTERM drains all."""
     port = free_port()
-    command = [sys.executable, "-m", "tandem.services.cli", "up", str(model_dir)]
+    command = tandem_argv("up", str(model_dir))
     command += ["--port", str(port), "--remote-prefill-min-tokens", "1"]
     for name, value in ENGINE_OPTIONS.items():
         command += ["--" + name.replace("_", "-"), str(value)]
