@@ -8,6 +8,7 @@ into that thread through a queue; outputs come back with ``call_soon_threadsafe`
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -108,6 +111,7 @@ class AsyncLLM:
                     self._wakeup.wait(timeout=0.002)
                     self._wakeup.clear()
         except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+            logger.exception("the engine died; every request in flight fails")
             self.dead_error = e
             for rid in list(self._streams):
                 self._deliver(rid, e)

@@ -21,10 +21,11 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.output_processor import OutputProcessor, SampleState, UserRequestState
 from tandem.engine.outputs import PositionLogprobs, RequestOutput
 from tandem.engine.request import Request, RequestStatus
-from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.sampling_params import SamplingParams, check_token_ids
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.tokenizer import eos_token_ids, load_tokenizer
-from tandem.kvtransfer import create_connector
+from tandem.kvtransfer import KVTransferParams, create_connector
+from tandem.kvtransfer.common import cdiv
 
 PromptType = str | dict[str, Any]
 
@@ -120,6 +121,9 @@ class LLMEngine:
         text, token_ids, salt = self.tokenize(prompt)
         self._check_prompt(token_ids, output_token_ids or [])
         params = params or SamplingParams()
+        check_token_ids(params.stop_token_ids, self.runtime.vocab_size, "stop_token_ids")
+        if kv_transfer_params is not None:
+            self._check_kv_transfer_params(kv_transfer_params, len(token_ids))
         continued_logprobs, cumulative = _continued_logprobs(
             params, output_token_ids or [], output_logprobs
         )
@@ -174,9 +178,24 @@ class LLMEngine:
                 f"prompt: {total} tokens leave no room to generate within "
                 f"max_model_len={self.runtime.max_model_len}"
             )
-        vocab = self.runtime.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids + output_token_ids):
-            raise ValueError(f"prompt_token_ids: every id must be an integer in [0, {vocab})")
+        check_token_ids(token_ids, self.runtime.vocab_size, "prompt_token_ids")
+        check_token_ids(output_token_ids, self.runtime.vocab_size, "output_token_ids")
+
+    def _check_kv_transfer_params(self, kv_transfer_params: dict, num_prompt_tokens: int) -> None:
+        """A KV handle the scheduler can act on: parsed, and covering no more than the
+        prompt with enough blocks (checked here, since the scheduler trusts it)."""
+        handle = KVTransferParams.from_dict(kv_transfer_params)
+        if handle.num_remote_tokens > num_prompt_tokens:
+            raise ValueError(
+                f"kv_transfer_params: num_remote_tokens {handle.num_remote_tokens} exceeds "
+                f"the prompt's {num_prompt_tokens} tokens"
+            )
+        needed = cdiv(handle.num_remote_tokens, self.config.cache.block_size)
+        if len(handle.remote_block_ids) < needed:
+            raise ValueError(
+                f"kv_transfer_params: {handle.num_remote_tokens} tokens need {needed} "
+                f"remote_block_ids, {len(handle.remote_block_ids)} given"
+            )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         ids = self.output_processor.engine_ids(request_id) or [request_id]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from tandem.engine import envs
@@ -121,13 +123,17 @@ class ModelRunner:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # -- one step -------------------------------------------------------------------------
-    def _apply_diff(self, out: SchedulerOutput) -> None:
+    def _apply_diff(self, out: SchedulerOutput, failed: dict[str, str]) -> None:
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
         for new in out.new_requests:
             p = new.sampling_params
-            # a seeded request draws on the logits' device, from its own generator there
-            gen = None if p.seed is None else torch.Generator(self.device).manual_seed(p.seed)
+            try:
+                # a seeded request draws on the logits' device, from its own generator there
+                gen = None if p.seed is None else torch.Generator(self.device).manual_seed(p.seed)
+            except Exception as e:  # noqa: BLE001 - this request fails, not the step
+                failed[new.request_id] = f"its sampling generator could not be made: {e!r}"
+                continue
             self.states[new.request_id] = RequestState(
                 new.request_id,
                 list(new.token_ids),
@@ -138,20 +144,34 @@ class ModelRunner:
                 gen,
             )
         for cached in out.cached_requests:
-            state = self.states[cached.request_id]
-            state.block_ids += cached.new_block_ids
-            state.num_computed_tokens = cached.num_computed_tokens
+            state = self.states.get(cached.request_id)
+            if state is not None:
+                state.block_ids += cached.new_block_ids
+                state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self._apply_diff(out)
+        """One step. What fails for one request alone (its inputs, its sampling) fails
+        that request, named in ``failed``, and the rest of the batch runs; a failure of
+        the step as a whole (the forward) raises."""
+        result = ModelRunnerOutput()
+        self._apply_diff(out, result.failed)
         if self.connector is not None and out.connector_meta is not None:
             self.connector.start_load_kv(out.connector_meta)
-        result = ModelRunnerOutput()
         self.last_forward_seconds = 0.0
-        if out.total_num_scheduled_tokens:
-            batch = [(self.states[rid], n) for rid, n in out.num_scheduled_tokens.items()]
-            inputs = build_step_inputs(batch, self.block_size)
+        batch = [
+            (self.states[rid], n)
+            for rid, n in out.num_scheduled_tokens.items()
+            if rid in self.states and rid not in result.failed
+        ]
+        inputs = _isolating(
+            lambda part: build_step_inputs(part, self.block_size),
+            batch,
+            lambda item: item[0].request_id,
+            "building its inputs",
+            result.failed,
+        )
+        if inputs is not None:
             if self.device != "cpu":  # built on the host; one copy per step, none on CPU
                 inputs = inputs.to(self.device)
             start = time.perf_counter()
@@ -169,24 +189,41 @@ class ModelRunner:
         if not inputs.sample_rows:
             return
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_reqs, vocab]
-        meta = build_sampling_metadata(inputs.sample_states, self.eos_token_ids, logits.device)
-        sampled = _to_host(self.sampler(logits, meta))
-        tokens = sampled.sampled_token_ids.tolist()
-        for row, (state, token) in enumerate(zip(inputs.sample_states, tokens)):
+        rows = list(enumerate(inputs.sample_states))
+
+        def sample(part: list[tuple[int, RequestState]]) -> list[tuple[int, SamplerOutput]]:
+            index = [row for row, _ in part]
+            states = [state for _, state in part]
+            meta = build_sampling_metadata(states, self.eos_token_ids, logits.device)
+            sampled = _to_host(
+                self.sampler(logits[index] if len(part) < len(rows) else logits, meta)
+            )
+            return [(row, _row_of(sampled, i)) for i, row in enumerate(index)]
+
+        sampled_rows = _isolating(
+            sample, rows, lambda item: item[1].request_id, "sampling", result.failed
+        )
+        for row, sampled in sampled_rows or []:
+            state = inputs.sample_states[row]
+            token = int(sampled.sampled_token_ids)
             state.token_ids.append(token)
             result.sampled_token_ids[state.request_id] = token
             k = state.params.logprobs
             if k is not None and sampled.logprobs is not None:
-                ids = sampled.logprob_token_ids[row, : k + 1].tolist()
-                lps = sampled.logprobs[row, : k + 1].tolist()
-                rank = int(sampled.sampled_token_ranks[row])
+                ids = sampled.logprob_token_ids[: k + 1].tolist()
+                lps = sampled.logprobs[: k + 1].tolist()
+                rank = int(sampled.sampled_token_ranks)
                 result.logprobs[state.request_id] = _position_logprobs(ids, lps, rank)
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden, result: ModelRunnerOutput) -> None:
         row = 0
         for state, n in inputs.order:
             k, start = state.params.prompt_logprobs, state.num_computed_tokens
-            if k is not None and start < state.num_prompt_tokens:
+            if (
+                k is not None
+                and start < state.num_prompt_tokens
+                and state.request_id not in result.failed
+            ):
                 # position p's logits score prompt token p + 1
                 count = min(start + n, state.num_prompt_tokens - 1) - start
                 entries: list[PositionLogprobs | None] = [None] if start == 0 else []
@@ -203,6 +240,44 @@ class ModelRunner:
                         )
                 result.prompt_logprobs[state.request_id] = entries
             row += n
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _isolating(
+    run: Callable[[list[T]], R],
+    items: list[T],
+    request_id: Callable[[T], str],
+    what: str,
+    failed: dict[str, str],
+) -> R | None:
+    """``run(items)``; if it raises, each item alone finds the requests at fault: they go
+    into ``failed`` and the rest run again together. When every item passes alone the
+    fault is the batch's, and the error is raised (a genuine failure of the step). None
+    when nothing is left to run."""
+    if not items:
+        return None
+    try:
+        return run(items)
+    except Exception:
+        good = []
+        for item in items:
+            try:
+                run([item])
+            except Exception as e:  # noqa: BLE001 - this request fails, not the step
+                logger.warning("request %s failed in %s: %r", request_id(item), what, e)
+                failed[request_id(item)] = f"{what} failed: {e!r}"
+            else:
+                good.append(item)
+        if len(good) == len(items):
+            raise
+    return run(good) if good else None
+
+
+def _row_of(sampled: SamplerOutput, row: int) -> SamplerOutput:
+    return SamplerOutput(*(None if t is None else t[row] for t in sampled))
 
 
 def _to_host(sampled: SamplerOutput) -> SamplerOutput:

@@ -172,11 +172,11 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        outputs: list[EngineCoreOutput] = []
+        outputs = self._fail_requests(model_output.failed)
         for rid, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(rid)
             if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # finished (aborted) or preempted while the step ran
+                continue  # finished (aborted, failed) or preempted while the step ran
             request.num_computed_tokens += num_tokens
             self.kv.cache_blocks(request, request.num_computed_tokens)
             token = model_output.sampled_token_ids.get(rid)
@@ -206,6 +206,19 @@ class Scheduler:
         return outputs
 
     # -- helpers --------------------------------------------------------------------------
+    def _fail_requests(self, failed: dict[str, str]) -> list[EngineCoreOutput]:
+        """Abort the requests the runner could not run, each with its error."""
+        outputs = []
+        for rid, why in failed.items():
+            request = self.requests.get(rid)
+            if request is None or request.status.finished:
+                continue
+            request.status = RequestStatus.FINISHED_ABORTED
+            self._free_request(request)
+            error = f"request {rid}: {why}"
+            outputs.append(EngineCoreOutput(rid, [], finish_reason="abort", error=error))
+        return outputs
+
     def _check_stop(self, request: Request, token: int) -> None:
         """vLLM's order: the length cap first, then EOS and stop tokens past min_tokens."""
         params = request.sampling_params

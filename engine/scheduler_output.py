@@ -47,6 +47,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
     finished_transfers: FinishedTransfers | None = None
+    # Requests whose own inputs or sampling failed this step (the rest of the batch ran):
+    # request id -> why. The scheduler aborts them with that error.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import time
 
+import grpc
 import httpx
 import openai
 import pd_helpers
@@ -220,3 +221,32 @@ def test_up_builds_child_commands_that_parse():
     for name in ("prefill-0", "decode-0"):
         assert instance_config(parsed[name]).kv_transport == "nccl"
         assert engine_options(parsed[name]) == {"model": "some/model", "block_size": 32}
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "kind"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]", ValueError),
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", "unavailable"),
+        (grpc.StatusCode.UNAVAILABLE, "instance is draining (SIGTERM)", "unavailable"),
+        (grpc.StatusCode.UNAVAILABLE, "the engine was dead: RuntimeError()", "unavailable"),
+        # lost mid-call: the request may be what killed it, so it is not sent elsewhere
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", "failure"),
+        (grpc.StatusCode.UNAVAILABLE, "recvmsg:Connection reset by peer", "failure"),
+        (grpc.StatusCode.INTERNAL, "the engine died while running this request", "failure"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "failure"),
+    ],
+)
+def test_instance_errors_split_into_refused_unreachable_and_failed(code, details, kind):
+    from tandem.services.api_server.engine_client import EngineUnavailableError
+    from tandem.services.router.instances import Instance
+    from tandem.services.router.remote import RemoteFailure, _api_error
+
+    instance = Instance("127.0.0.1:1", "prefill", None, None, None, healthy=True)
+    error = _api_error(instance, grpc.aio.AioRpcError(code, None, None, details))
+    expected = {"unavailable": EngineUnavailableError, "failure": RemoteFailure}.get(kind, kind)
+    assert type(error) is expected
+    # unreachable or lost: skipped until a poll finds it serving again
+    assert instance.healthy == (
+        code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL)
+    )

@@ -13,9 +13,10 @@ from importlib import metadata
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from tandem.engine.sampling_params import check_token_ids
 from tandem.services.api_server.config import ServerConfig
-from tandem.services.api_server.engine_client import EngineClient
-from tandem.services.api_server.errors import bad_request, install_error_handlers
+from tandem.services.api_server.engine_client import EngineClient, EngineUnavailableError
+from tandem.services.api_server.errors import from_value_error, install_error_handlers
 from tandem.services.api_server.metrics import CONTENT_TYPE, ServerMetrics
 from tandem.services.api_server.middleware import REQUEST_ID_KEY, GuardMiddleware
 from tandem.services.api_server.protocol import (
@@ -46,10 +47,21 @@ def _version() -> str:
 def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Tandem", version=_version(), docs_url=None, redoc_url=None)
     app.add_middleware(
-        GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes
+        GuardMiddleware,
+        api_key=config.api_key,
+        max_body_bytes=config.max_request_body_bytes,
+        max_header_bytes=config.h11_max_incomplete_event_size,
+        body_timeout=config.body_read_timeout,
     )
     install_error_handlers(app)
-    metrics = ServerMetrics(config.model_name, engine_client.get_stats)
+    metrics = ServerMetrics(
+        config.model_name,
+        engine_client.get_stats,
+        lambda: (
+            engine_client.dead_error is not None
+            and not isinstance(engine_client.dead_error, EngineUnavailableError)
+        ),
+    )
     pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenizer")
     completions = CompletionServing(engine_client, config, metrics, pool)
     chat = ChatServing(engine_client, config, metrics, pool)
@@ -108,8 +120,10 @@ def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         chat.check_request(body.model)
-        if any(not 0 <= t < vocab_size for t in body.tokens):
-            raise bad_request(f"tokens: every id must be in [0, {vocab_size})", "tokens")
+        try:
+            check_token_ids(body.tokens, vocab_size, "tokens")
+        except ValueError as e:
+            raise from_value_error(e) from e
         text = await chat.in_tokenizer_thread(tokenizer.decode, body.tokens)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 

@@ -37,7 +37,10 @@ class ServerConfig:
         8 * 1024 * 1024, "Largest request body accepted (413 above), e.g. '8MiB'.", type=parse_size
     )
     h11_max_incomplete_event_size: int = doc(
-        64 * 1024, "Largest request line plus headers in bytes (400 above)."
+        64 * 1024, "Largest request line plus headers in bytes (431 above)."
+    )
+    body_read_timeout: float = doc(
+        30.0, "Seconds to wait for the rest of a request body before answering 408."
     )
     uvicorn_log_level: str = doc(
         "info", "uvicorn's log level.", choices=("debug", "info", "warning", "error")
@@ -63,6 +66,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.max_request_body_bytes < 1:
         raise ValueError("--max-request-body-bytes must be >= 1")
+    if not args.body_read_timeout > 0:
+        raise ValueError(f"--body-read-timeout must be > 0, got {args.body_read_timeout}")
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     return ServerConfig(
         host=args.host,
@@ -72,6 +77,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout=args.shutdown_timeout,
         max_request_body_bytes=args.max_request_body_bytes,
         h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        body_read_timeout=args.body_read_timeout,
         uvicorn_log_level=args.uvicorn_log_level,
         model_path=args.model,
     )

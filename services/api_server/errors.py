@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("tandem.api_server")
 
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::| must| may| is)")
+# A message that starts with its field ('top_p must be ...', 'messages.0.content: ...').
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)(?::| must| may| is)")
 
 
 class APIError(Exception):
@@ -108,12 +109,35 @@ def body_too_large(limit: int) -> APIError:
     )
 
 
-class BodyTooLarge(StarletteHTTPException):
+def headers_too_large(limit: int) -> APIError:
+    return APIError(
+        431,
+        f"The request line and headers are larger than {limit} bytes "
+        "(--h11-max-incomplete-event-size).",
+        code="request_header_fields_too_large",
+    )
+
+
+class BodyError(StarletteHTTPException):
     """Raised while the body is read; FastAPI lets HTTPExceptions through unchanged."""
 
+    def __init__(self, api_error: APIError) -> None:
+        self.api_error = api_error
+        super().__init__(api_error.status_code, api_error.message)
+
+
+class BodyTooLarge(BodyError):
     def __init__(self, limit: int) -> None:
-        self.api_error = body_too_large(limit)
-        super().__init__(413, self.api_error.message)
+        super().__init__(body_too_large(limit))
+
+
+class BodyTimeout(BodyError):
+    def __init__(self, seconds: float) -> None:
+        message = (
+            f"The request body did not arrive within {seconds:g} s (shorter than its "
+            "Content-Length?) (--body-read-timeout)."
+        )
+        super().__init__(APIError(408, message, code="request_timeout"))
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -142,7 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        if isinstance(error, BodyTooLarge):
+        if isinstance(error, BodyError):
             return error.api_error.response()
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
         return APIError(error.status_code, str(error.detail), type=kind).response()

@@ -50,11 +50,21 @@ _ENGINE_COUNTERS = {
 class _EngineCollector:
     """Engine state as of the scrape; the counters are the engine's running totals."""
 
-    def __init__(self, model_name: str, get_stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self, model_name: str, get_stats: Callable[[], EngineStats], is_dead: Callable[[], bool]
+    ) -> None:
         self.model_name = model_name
         self.get_stats = get_stats
+        self.is_dead = is_dead
 
     def collect(self) -> Iterator[Metric]:
+        dead = GaugeMetricFamily(
+            "tandem:engine_dead",
+            "1 once the engine can never serve again (it died; see the server log), else 0.",
+            labels=["model_name"],
+        )
+        dead.add_metric([self.model_name], float(self.is_dead()))
+        yield dead
         stats = self.get_stats()
         for table, family_type in (
             (_ENGINE_GAUGES, GaugeMetricFamily),
@@ -67,10 +77,15 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, get_stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        get_stats: Callable[[], EngineStats],
+        is_dead: Callable[[], bool] = lambda: False,
+    ) -> None:
         disable_created_metrics()  # no *_created series, as in vLLM's output
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(model_name, get_stats))
+        self.registry.register(_EngineCollector(model_name, get_stats, is_dead))
 
         def counter(name: str, doc: str) -> Counter:
             metric = Counter(f"tandem:{name}", doc, ["model_name"], registry=self.registry)

@@ -4,6 +4,7 @@ and client disconnects pass through untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import uuid
@@ -11,9 +12,11 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.services.api_server.errors import (
     APIError,
+    BodyTimeout,
     BodyTooLarge,
     bad_request,
     body_too_large,
+    headers_too_large,
     unauthorized,
 )
 
@@ -25,10 +28,20 @@ _OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        body_timeout: float,
+    ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,14 +56,21 @@ class GuardMiddleware:
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
-        error = self._check(scope["path"], headers, request_id)
+        error = self._check(scope, headers, request_id)
         if error is not None:
             await _send_error(send_with_id, error)
             return
         scope[REQUEST_ID_KEY] = request_id
         await self.app(scope, self._limited(receive), send_with_id)
 
-    def _check(self, path: str, headers: dict[bytes, bytes], request_id: str) -> APIError | None:
+    def _check(self, scope: Scope, headers: dict[bytes, bytes], request_id: str) -> APIError | None:
+        # h11 enforces its limit only on a head that arrives in pieces; one read can bring
+        # a larger one whole, so the limit is checked again on what was parsed.
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        head += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if head > self.max_header_bytes:
+            return headers_too_large(self.max_header_bytes)
+        path = scope["path"]
         if not _REQUEST_ID_RE.match(request_id):
             return bad_request(
                 "X-Request-Id: use 1 to 128 letters, digits or ._:- characters", "X-Request-Id"
@@ -70,16 +90,24 @@ class GuardMiddleware:
         return None
 
     def _limited(self, receive: Receive) -> Receive:
-        """``receive`` that counts body bytes, for bodies sent without Content-Length."""
+        """``receive`` that counts body bytes (for bodies sent without Content-Length) and
+        gives up on a body that stops arriving (shorter than its Content-Length, say)."""
         num_bytes = 0
+        body_done = False
 
         async def limited() -> Message:
-            nonlocal num_bytes
-            message = await receive()
+            nonlocal num_bytes, body_done
+            if body_done:  # after the body only a disconnect comes, whenever it does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 num_bytes += len(message.get("body", b""))
                 if num_bytes > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
+                body_done = not message.get("more_body", False)
             return message
 
         return limited

@@ -16,6 +16,9 @@ from tandem.engine import envs
 
 logger = logging.getLogger("tandem.api_server")
 
+# A cache salt keys the prefix cache, nothing more: a long one only costs hashing.
+MAX_CACHE_SALT_CHARS = 256
+
 # field -> values that ask for nothing (and so may be ignored)
 _REFUSED_UNLESS = {
     "echo": (False,),
@@ -36,8 +39,35 @@ _REFUSED_UNLESS = {
 }
 
 
+# Chat roles OpenAI's API knows; a message with another role is a client mistake.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _check_unicode(data: Any) -> None:
+    """Every string in a parsed JSON body is valid Unicode. JSON lets a body spell lone
+    surrogates (``"\\ud800"``), which Python keeps in a ``str`` that no tokenizer or
+    encoder accepts later; refused here instead. Iterative: nesting depth costs no stack."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = path or "body"
+                raise ValueError(f"{where}: not valid Unicode (a lone surrogate)") from e
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{path}.{key}" if path else str(key), key))
+                stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+
+
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # allow_inf_nan: JSON parsers here accept Infinity and NaN (and 1e400 parses as inf);
+    # no float field of the API takes them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check_extras(self) -> OpenAIBaseModel:
@@ -51,11 +81,21 @@ class OpenAIBaseModel(BaseModel):
         return self
 
 
+class RequestBody(OpenAIBaseModel):
+    """A whole request body (not a part of one): its strings are checked once here."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(RequestBody):
     """The fields completions and chat share."""
 
     model: str | None = None
@@ -79,12 +119,22 @@ class SamplingRequest(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's: the logprobs of every prompt token (the first has none) and this many top.
+    prompt_logprobs: int | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
+        if self.prompt_logprobs is not None:
+            if self.stream:  # as vLLM: a stream has no place for them
+                raise ValueError("prompt_logprobs: not available with stream=true")
+            if not 0 <= self.prompt_logprobs <= envs.max_logprobs():
+                raise ValueError(
+                    f"prompt_logprobs: must be in [0, {envs.max_logprobs()}] "
+                    "(-1, the whole vocabulary, is not offered)"
+                )
         return self
 
     @property
@@ -110,6 +160,7 @@ class SamplingRequest(OpenAIBaseModel):
             "skip_special_tokens",
             "spaces_between_special_tokens",
             "include_stop_str_in_output",
+            "prompt_logprobs",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -158,6 +209,13 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"must be one of {list(CHAT_ROLES)}, got {role!r}")
+        return role
+
     def template_dict(self) -> dict[str, Any]:
         """The message as the chat template sees it; text parts are joined."""
         content = self.content
@@ -169,7 +227,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatTemplateFields(OpenAIBaseModel):
+class ChatTemplateFields(RequestBody):
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -212,7 +270,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
         return self.max_tokens
 
 
-class TokenizeCompletionRequest(OpenAIBaseModel):
+class TokenizeCompletionRequest(RequestBody):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
@@ -225,6 +283,6 @@ class TokenizeChatRequest(ChatTemplateFields):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]

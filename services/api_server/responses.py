@@ -34,6 +34,35 @@ class Usage(BaseModel):
         )
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``, as its ``prompt_logprobs`` carry them."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One entry per prompt token (None for the first), token id -> its logprob.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
+def prompt_logprobs_of(positions: list | None) -> PromptLogprobs | None:
+    """The engine's prompt logprobs (``PositionLogprobs`` per token) in vLLM's shape."""
+    if positions is None:
+        return None
+    return [
+        None
+        if position is None
+        else {
+            token_id: PromptLogprob(
+                logprob=max(lp.logprob, MIN_LOGPROB), rank=lp.rank, decoded_token=lp.decoded_token
+            )
+            for token_id, lp in position.items()
+        }
+        for position in positions
+    ]
+
+
 # -- completions --------------------------------------------------------------------------
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
@@ -48,6 +77,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -94,6 +124,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
 
 
 class DeltaMessage(BaseModel):

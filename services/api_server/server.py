@@ -48,8 +48,11 @@ async def serve_http(app: Any, config: ServerConfig, max_model_len: int) -> bool
         app,
         host=config.host,
         port=config.port,
-        http="h11",  # h11 enforces h11_max_incomplete_event_size on the request head
-        h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
+        http="h11",
+        # The head limit itself is GuardMiddleware's (431 with an OpenAI error body): h11
+        # enforces its own only on a head arriving in pieces, and answers in plain text.
+        # Its buffer cap stays as a backstop against heads that never end.
+        h11_max_incomplete_event_size=max(4 * config.h11_max_incomplete_event_size, 1 << 20),
         timeout_graceful_shutdown=config.shutdown_timeout,
         log_level=config.uvicorn_log_level,
         lifespan="off",

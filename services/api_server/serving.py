@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from tandem.engine.async_llm import EngineDeadError
 from tandem.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from tandem.engine.sampling_params import RequestOutputKind, SamplingParams
+from tandem.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from tandem.services.api_server.config import ServerConfig
 from tandem.services.api_server.engine_client import EngineClient, EngineUnavailableError
 from tandem.services.api_server.errors import (
@@ -80,7 +80,14 @@ class OpenAIServing:
             raise model_not_found(model, self.config.served_model_name)
 
     def check_length(self, prompt: Prompt, max_tokens: int | None, param: str) -> None:
-        """vLLM's rule: the prompt must leave room, and an explicit max_tokens must fit."""
+        """vLLM's rule: the prompt must leave room, and an explicit max_tokens must fit.
+        Token ids a client gave must be this vocabulary's (checked here, before any
+        instance sees them)."""
+        if prompt.text is None:
+            try:
+                check_token_ids(prompt.token_ids, self.engine_client.vocab_size, "prompt_token_ids")
+            except ValueError as e:
+                raise from_value_error(e) from e
         num, limit = len(prompt.token_ids), self.max_model_len
         if num >= limit:
             raise bad_request(
@@ -104,14 +111,16 @@ class OpenAIServing:
     ) -> SamplingParams:
         fields: dict[str, Any] = body.sampling_fields()
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 **fields,
                 max_tokens=max_tokens,
                 logprobs=logprobs,
                 output_kind=RequestOutputKind.DELTA,
             )
+            check_token_ids(params.stop_token_ids, self.engine_client.vocab_size, "stop_token_ids")
         except ValueError as e:
             raise from_value_error(e, renames) from e
+        return params
 
     # -- tokenizer ------------------------------------------------------------------------
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -178,6 +187,8 @@ class OpenAIServing:
         response_id = f"{self.id_prefix}-{request_id}"
         if not body.stream:
             choices = await until_disconnect(raw_request, collect(stream, body.n, usage))
+            for index, choice in enumerate(choices):
+                choice.prompt_logprobs = usage.prompt_logprobs.get(index // body.n)
             response = self.response(body, response_id, choices, usage.usage())
             return JSONResponse(response.model_dump())
 
@@ -215,6 +226,7 @@ class Choice:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # its prompt's
 
 
 async def collect(stream: AsyncIterator[Item], n: int, usage: UsageCounter) -> list[Choice]:
@@ -251,16 +263,20 @@ async def new_deltas(
 
 
 class UsageCounter:
-    """Token counts of one user request across its prompts and samples."""
+    """Token counts of one user request across its prompts and samples, and each
+    prompt's logprobs (which arrive in pieces while a long prompt is prefilled)."""
 
     def __init__(self, prompts: list[Prompt]) -> None:
         self.num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
         self.num_cached: dict[int, int] = {}
         self.num_completion_tokens = 0
+        self.prompt_logprobs: dict[int, list[PositionLogprobs | None]] = {}
 
     def add(self, prompt_index: int, output: RequestOutput) -> None:
         self.num_cached[prompt_index] = output.num_cached_tokens
         self.num_completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+        if output.prompt_logprobs:
+            self.prompt_logprobs.setdefault(prompt_index, []).extend(output.prompt_logprobs)
 
     def usage(self) -> Usage:
         cached = sum(self.num_cached.values())

@@ -23,6 +23,7 @@ from tandem.services.api_server.responses import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    prompt_logprobs_of,
 )
 from tandem.services.api_server.serving import Choice, OpenAIServing, Prompt
 
@@ -93,6 +94,7 @@ class ChatServing(OpenAIServing):
                 for index, choice in enumerate(choices)
             ],
             usage=usage,
+            prompt_logprobs=prompt_logprobs_of(choices[0].prompt_logprobs if choices else None),
         )
 
     async def stream_choices(

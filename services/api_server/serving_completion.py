@@ -17,6 +17,7 @@ from tandem.services.api_server.responses import (
     CompletionLogprobs,
     CompletionResponse,
     Usage,
+    prompt_logprobs_of,
 )
 from tandem.services.api_server.serving import Choice, OpenAIServing
 
@@ -53,6 +54,7 @@ class CompletionServing(OpenAIServing):
                     else None,
                     finish_reason=choice.finish_reason,
                     stop_reason=choice.stop_reason,
+                    prompt_logprobs=prompt_logprobs_of(choice.prompt_logprobs),
                 )
                 for index, choice in enumerate(choices)
             ],

@@ -115,16 +115,27 @@ class InstanceServicer(pb_grpc.InstanceServiceServicer):
 
     @contextlib.asynccontextmanager
     async def call(self, context: Any) -> AsyncIterator[None]:
-        """One Prefill / Decode call: refused while draining, engine errors as gRPC status."""
+        """One Prefill / Decode call: refused while draining, engine errors as gRPC status.
+
+        An engine already dead when the call came is UNAVAILABLE (the request never ran:
+        the router may send it elsewhere); one that died while the call ran is INTERNAL
+        (the request may be what killed it: the router must not send it on)."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "instance is draining (SIGTERM)")
+        if self.async_llm.dead_error is not None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"the engine was dead: {self.dead_reason()}"
+            )
         self.num_open_calls += 1
         try:
             yield
         except ValueError as e:  # the engine refused the request (the message names the field)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineDeadError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine died: {self.dead_reason()}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"the engine died while running this request: {self.dead_reason()}",
+            )
         finally:
             self.num_open_calls -= 1
 

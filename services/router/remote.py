@@ -94,8 +94,11 @@ class RemoteEngineClient(EngineClient):
     async def _prefill(
         self, message: pb.GenerateRequest
     ) -> tuple[Instance | None, pb.PrefillResponse | None]:
-        """(instance, its answer); (None, None) when no prefill instance can take it, and
-        the decode instance runs the prompt itself."""
+        """(instance, its answer); (None, None) when no prefill instance could take it
+        (none is up, or the one picked was unreachable before the request reached it),
+        and the decode instance runs the prompt itself. A prefill instance that failed
+        or died while running the request raises RemoteFailure instead: the request may
+        be what broke it, and sending it on would spread the poison."""
         try:
             prefill = self.pool.pick("prefill")
             response = await _prefill_hop(prefill, message)
@@ -154,13 +157,28 @@ async def _decode_hop(
 
 
 def _api_error(instance: Instance, error: grpc.aio.AioRpcError) -> Exception:
+    """ValueError (400) for a refused request, EngineUnavailableError when the instance
+    could not take it (unreachable, draining, its engine already dead: the request never
+    ran there), RemoteFailure when it failed while running it (lost mid-call included)."""
     where = f"{instance.role} instance {instance.address}"
-    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(error.details())  # the engine's message, naming the field
-    if error.code() == grpc.StatusCode.UNAVAILABLE:
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(details)  # the engine's message, naming the field
+    if code == grpc.StatusCode.UNAVAILABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED:
         instance.healthy = False  # until a poll finds it serving again
-        return EngineUnavailableError(f"{where} is unavailable: {error.details()}")
-    return RemoteFailure(f"{where} failed the request: {error.code().name}: {error.details()}")
+        if code == grpc.StatusCode.UNAVAILABLE and _never_reached(details):
+            return EngineUnavailableError(f"{where} is unavailable: {details}")
+    return RemoteFailure(f"{where} failed the request: {code.name}: {details}")
+
+
+def _never_reached(details: str) -> bool:
+    """Whether an UNAVAILABLE call never reached the instance's engine: no connection,
+    or the instance refused it up front (draining, engine dead before it arrived)."""
+    lowered = details.lower()
+    return any(
+        marker in lowered
+        for marker in ("failed to connect", "connection refused", "draining", "was dead")
+    )
 
 
 async def _release(prefill: Instance | None, request_id: str) -> None:
