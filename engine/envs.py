@@ -35,6 +35,12 @@ def cpu_packed_linear() -> bool:
     return _get("TANDEM_CPU_PACKED_LINEAR", "1") not in ("0", "false", "no")
 
 
+def engine_multiprocess() -> bool:
+    """TANDEM_ENGINE_MULTIPROCESS: services run the engine core in its own process (default 1);
+    0 runs it in a thread of the service (debugging)."""
+    return _get("TANDEM_ENGINE_MULTIPROCESS", "1") not in ("0", "false", "no")
+
+
 def api_key() -> str | None:
     """TANDEM_API_KEY: the key `tandem serve` asks for unless --api-key is given (default none)."""
     return _get("TANDEM_API_KEY", "") or None

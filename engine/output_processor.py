@@ -70,6 +70,9 @@ class OutputProcessor:
                 continue
             user = self.requests[user_id]
             sample = user.samples[out.request_id]
+            if sample.finish_reason is not None:
+                # A stop string finished it here; the core had run on before it heard.
+                continue
             user.num_cached_tokens = max(user.num_cached_tokens, out.num_cached_tokens)
             user.kv_transfer_params = out.kv_transfer_params or user.kv_transfer_params
             user.error = out.error or user.error

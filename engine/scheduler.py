@@ -45,8 +45,12 @@ class Scheduler:
         self.num_preemptions = 0
 
     # -- requests in and out ----------------------------------------------------------------
+    def knows(self, request_id: str) -> bool:
+        """Whether ``request_id`` is in use here (running, waiting or leased)."""
+        return request_id in self.requests or request_id in self.leased
+
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests or request.request_id in self.leased:
+        if self.knows(request.request_id):
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)

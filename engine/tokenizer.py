@@ -52,6 +52,14 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_dir: pathlib.Path) -
     return frozenset(ids)
 
 
+def load_eos_token_ids(
+    tokenizer_path: pathlib.Path | str, model_dir: pathlib.Path | str
+) -> frozenset[int]:
+    """``eos_token_ids`` of the tokenizer in ``tokenizer_path`` (for a process, the engine
+    core, that needs the ids but not the tokenizer)."""
+    return eos_token_ids(load_tokenizer(tokenizer_path), pathlib.Path(model_dir))
+
+
 def _as_ids(value: Any) -> list[int]:
     if value is None:
         return []

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from tandem.engine import LLM, SamplingParams
 from tandem.engine.async_llm import EngineDeadError
 from tandem.engine.config import EngineRuntime
-from tandem.engine.llm_engine import EngineStats
 from tandem.engine.outputs import CompletionOutput, RequestOutput
+from tandem.engine.stats import EngineStats
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.services.api_server.app import create_app
 from tandem.services.api_server.config import server_config

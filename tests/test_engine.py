@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 from tandem.engine import LLM, SamplingParams
-from tandem.engine.async_llm import AsyncLLM
+from tandem.engine.async_llm import AsyncLLM, EngineDeadError
 from tandem.engine.kv_events import BlockStored
 
 PROMPTS = [
@@ -241,8 +244,19 @@ def test_continued_request_keeps_the_given_logprobs(llm):
     assert_pool_idle(llm)
 
 
-def test_async_engine_streams_deltas_and_aborts():
+def test_async_engine_streams_deltas_and_aborts(llm):
+    """The engine core in its own process: deltas stream, leaving a stream aborts, bad
+    input raises ValueError, and the core ends idle with every block back."""
     engine = AsyncLLM.from_options(dtype="float32", kv_cache_memory="64MiB")
+    assert engine.client.proc.pid != os.getpid()
+
+    async def idle_stats():
+        for _ in range(100):
+            stats = engine.get_stats()
+            if not stats.num_requests_running and not stats.num_requests_waiting:
+                return stats
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"engine not idle: {engine.get_stats()}")
 
     async def main():
         params = SamplingParams(temperature=0, max_tokens=10)
@@ -254,18 +268,43 @@ def test_async_engine_streams_deltas_and_aborts():
         with pytest.raises(ValueError, match="temperature|prompt"):
             async for _ in engine.generate({"prompt_token_ids": []}, SamplingParams(), "c"):
                 pass
-        for _ in range(50):
-            if not engine.engine.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.05)
-        return text
+        stats = await idle_stats()
+        assert await engine.call_utility("check_integrity") is True
+        return text, stats
 
-    text = asyncio.run(main())
-    offline = engine.engine  # same weights, greedy: same text as the offline API would give
-    assert text and not offline.has_unfinished_requests()
-    kv = offline.scheduler.kv
-    assert kv.pool.num_free_blocks == kv.pool.num_blocks
-    engine.shutdown()
+    try:
+        text, stats = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert stats.num_free_kv_blocks == engine.info.runtime.num_kv_blocks
+    offline = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    assert text == offline[0].outputs[0].text  # same weights, greedy: the offline API's text
+    assert engine.client.proc.poll() is not None  # shut down, not left running
+
+
+def test_a_dead_engine_process_fails_requests_at_once():
+    engine = AsyncLLM.from_options(dtype="float32", kv_cache_memory="64MiB")
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        stream = engine.generate(PROMPTS[0], params, "long")
+        await anext(stream)
+        killed = time.monotonic()
+        os.kill(engine.client.proc.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        noticed = time.monotonic() - killed
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate(PROMPTS[0], params, "after"))
+        return noticed
+
+    try:
+        noticed = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert noticed < 1.0, noticed
+    assert isinstance(engine.dead_error, EngineDeadError)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

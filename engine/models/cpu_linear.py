@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PACKABLE_DTYPES = (torch.float32,)
+# bfloat16 too: on this project's AMX machine a packed bf16 weight ran the model's
+# shapes about 2x faster than F.linear at every batch size from 1 to 256 (oneDNN picks
+# the AMX kernels for it); fp32 gained 10-30% from M=4 up.
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedLinear(nn.Module):

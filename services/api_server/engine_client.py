@@ -12,9 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from tandem.engine.llm_engine import EngineStats
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.stats import EngineStats
 
 if TYPE_CHECKING:
     from tandem.engine.async_llm import AsyncLLM
@@ -63,8 +63,8 @@ class LocalEngineClient(EngineClient):
     def __init__(self, async_llm: AsyncLLM) -> None:
         self.async_llm = async_llm
         self.tokenizer = async_llm.tokenizer
-        self.max_model_len = async_llm.engine.runtime.max_model_len
-        self.vocab_size = async_llm.engine.runtime.vocab_size
+        self.max_model_len = async_llm.info.runtime.max_model_len
+        self.vocab_size = async_llm.info.runtime.vocab_size
 
     @property
     def dead_error(self) -> BaseException | None:
@@ -76,4 +76,4 @@ class LocalEngineClient(EngineClient):
         return self.async_llm.generate(prompt, params, request_id)
 
     def get_stats(self) -> EngineStats:
-        return self.async_llm.engine.get_stats()
+        return self.async_llm.get_stats()

@@ -23,8 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from tandem.engine.llm_engine import EngineStats
 from tandem.engine.outputs import RequestOutput
+from tandem.engine.stats import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tandem.proto import tandem_pb2 as pb
@@ -34,8 +34,8 @@ class TransferLedger:
     """The connector's per-request transfer records, kept until the request's stream
     claims its own; running totals for InstanceInfo."""
 
-    def __init__(self, connector: Any) -> None:
-        self._drain = getattr(connector, "drain_transfer_records", None)
+    def __init__(self, drain: Callable[[], list[Any]]) -> None:
+        self._drain = drain
         self._records: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.num_bytes_total = 0
@@ -43,8 +43,6 @@ class TransferLedger:
 
     def take(self, request_id: str) -> pb.KVTransferStats | None:
         """This request's load, once it has finished; None before (or without a load)."""
-        if self._drain is None:
-            return None
         with self._lock:
             for record in self._drain():
                 self._records[record.request_id] = record
@@ -64,7 +62,7 @@ class DecodeServicer(RoleServicer, pb_grpc.DecodeServiceServicer):
 
     def __init__(self, async_llm: Any) -> None:
         super().__init__(async_llm)
-        self.ledger = TransferLedger(self.engine.runner.connector)
+        self.ledger = TransferLedger(async_llm.drain_transfer_records)
 
     def add_to_server(self, server: Any) -> None:
         pb_grpc.add_DecodeServiceServicer_to_server(self, server)

@@ -21,30 +21,27 @@ from typing import Any
 
 import grpc
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError
+from tandem.engine.core import EngineInfo
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("tandem.pd")
 
 _ROLES = {"prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE}
-# The engine's KV tensor: [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim].
-_DEFAULT_LAYOUT = "block,layer,kv,token,head,dim"
 
 
-def kv_layout(engine: Any) -> pb.KVLayout:
-    """What must match between a prefill and a decode engine. The connector's own
-    description wins (it is what goes on the wire); the KV tensor fills in the rest."""
-    described = dict(getattr(engine.runner.connector, "layout", None) or {})
-    cache = engine.runner.kv_cache  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
-    _, num_layers, _, block_size, num_kv_heads, head_dim = cache.shape
+def kv_layout(info: EngineInfo) -> pb.KVLayout:
+    """What must match between a prefill and a decode engine: the connector's own
+    description, which is what goes on the KV wire."""
+    described = info.kv_layout
     return pb.KVLayout(
-        model=str(described.get("model", described.get("model_name", engine.model_dir.name))),
-        dtype=str(described.get("dtype", str(cache.dtype).removeprefix("torch."))),
-        block_size=int(described.get("block_size", block_size)),
-        num_layers=int(described.get("num_layers", num_layers)),
-        num_kv_heads=int(described.get("num_kv_heads", num_kv_heads)),
-        head_dim=int(described.get("head_dim", head_dim)),
-        layout=str(described.get("layout", _DEFAULT_LAYOUT)),
+        model=str(described.get("model", "")),
+        dtype=str(described.get("dtype", info.dtype)),
+        block_size=int(described.get("block_size", info.block_size)),
+        num_layers=int(described.get("num_layers", 0)),
+        num_kv_heads=int(described.get("num_kv_heads", 0)),
+        head_dim=int(described.get("head_dim", 0)),
+        layout=str(described.get("layout", "")),
     )
 
 
@@ -63,7 +60,6 @@ class InstanceServicer(pb_grpc.InstanceServiceServicer):
         if role not in _ROLES:
             raise ValueError(f"role: expected one of {sorted(_ROLES)}, got {role!r}")
         self.async_llm = async_llm
-        self.engine = async_llm.engine
         self.role = role
         self.transfer_totals = transfer_totals or (lambda: (0, 0.0))
         self.draining = False
@@ -82,8 +78,7 @@ class InstanceServicer(pb_grpc.InstanceServiceServicer):
         return self.info()
 
     def info(self) -> pb.InstanceInfoResponse:
-        engine = self.engine
-        stats = engine.get_stats()  # plain reads of engine-thread state; no lock needed
+        info, stats = self.async_llm.info, self.async_llm.get_stats()
         load = pb.Load(
             num_requests_running=stats.num_requests_running,
             num_requests_waiting=stats.num_requests_waiting,
@@ -91,20 +86,20 @@ class InstanceServicer(pb_grpc.InstanceServiceServicer):
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
             num_preemptions=stats.num_preemptions,
-            num_free_kv_blocks=engine.scheduler.kv.pool.num_free_blocks,
-            num_leased_requests=len(engine.scheduler.leased),
+            num_free_kv_blocks=stats.num_free_kv_blocks,
+            num_leased_requests=stats.num_leased_requests,
             num_open_streams=self.num_open_calls,
         )
         num_bytes, seconds = self.transfer_totals()
         return pb.InstanceInfoResponse(
-            engine_id=engine.engine_id,
+            engine_id=info.engine_id,
             role=_ROLES[self.role],
-            model_path=str(engine.model_dir),
-            kv_layout=kv_layout(engine),
-            max_model_len=engine.runtime.max_model_len,
-            vocab_size=engine.runtime.vocab_size,
-            num_kv_blocks=engine.runtime.num_kv_blocks,
-            kv_connector=engine.config.transfer.kv_connector or "",
+            model_path=info.model_dir,
+            kv_layout=kv_layout(info),
+            max_model_len=info.runtime.max_model_len,
+            vocab_size=info.runtime.vocab_size,
+            num_kv_blocks=info.runtime.num_kv_blocks,
+            kv_connector=info.kv_connector or "",
             load=load,
             kv_transfer_bytes_total=num_bytes,
             kv_transfer_seconds_total=seconds,
@@ -148,7 +143,6 @@ class RoleServicer(abc.ABC):
 
     def __init__(self, async_llm: AsyncLLM) -> None:
         self.async_llm = async_llm
-        self.engine = async_llm.engine
         self.instance = InstanceServicer(async_llm, self.role, self.transfer_totals)
 
     def transfer_totals(self) -> tuple[int, float]:
@@ -180,7 +174,11 @@ async def serve_instance(
         raise OSError(f"--port: cannot listen on {host}:{port} (in use?)")
     await server.start()
     logger.info(
-        "%s service on %s:%d (engine %s)", servicer.role, host, bound, servicer.engine.engine_id
+        "%s service on %s:%d (engine %s)",
+        servicer.role,
+        host,
+        bound,
+        servicer.async_llm.info.engine_id,
     )
     if on_started is not None:
         on_started(bound)

@@ -83,4 +83,4 @@ class PrefillServicer(RoleServicer, pb_grpc.PrefillServiceServicer):
         num_tokens = len(output.prompt_token_ids) + len(sample.token_ids)
         return (
             params.max_tokens is not None and len(sample.token_ids) >= params.max_tokens
-        ) or num_tokens >= self.engine.runtime.max_model_len
+        ) or num_tokens >= self.async_llm.info.runtime.max_model_len

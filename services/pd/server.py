@@ -65,9 +65,6 @@ def run_instance(role: str, config: InstanceConfig, engine_options: dict[str, An
         logger.error("%s", e)
         return 1
     finally:
-        async_llm.shutdown()
-        connector = async_llm.engine.runner.connector
-        if connector is not None and hasattr(connector, "close"):
-            connector.close()  # the KV listener and its connections
+        async_llm.shutdown()  # the engine core closes its KV listener and connections
     logger.info("drained and stopped")
     return 0

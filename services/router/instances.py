@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from tandem.engine.llm_engine import EngineStats
+from tandem.engine.stats import EngineStats
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.services.api_server.engine_client import EngineUnavailableError

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from tandem.engine.llm_engine import EngineStats
 from tandem.engine.outputs import CompletionOutput, RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.stats import EngineStats
 from tandem.proto import tandem_pb2 as pb
 from tandem.services.api_server.engine_client import EngineClient, EngineUnavailableError
 from tandem.services.pd.convert import delta_from_proto, generate_request_to_proto
