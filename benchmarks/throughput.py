@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
@@ -31,6 +32,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "so a subset measures it (all prompts would take minutes).",
     )
     parser.add_argument("--output-json", default=None)
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="Record where Tandem's step time goes (TANDEM_PROFILE=DIR), print the split "
+        "and write a torch profiler trace of the timed run into DIR.",
+    )
 
 
 def random_prompts(vocab_size: int, input_len: int, num_prompts: int, seed: int) -> list[list[int]]:
@@ -52,9 +60,19 @@ def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:
         use_tqdm=False,
     )
     llm.engine.timing.__init__()  # count the timed run only
+    profiler = llm.engine.core.profiler
+    if profiler is not None:
+        profiler.reset()
+        profiler.start_trace()
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     elapsed = time.perf_counter() - start
+    if profiler is not None:
+        from tandem.engine.profiling import format_report
+
+        trace = profiler.stop_trace("throughput")
+        print(format_report(profiler.report(), "Tandem step time"))
+        print(f"torch profiler trace: {trace}")
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     timing = llm.engine.timing
     outside = 1.0 - timing.forward_seconds / timing.step_seconds
@@ -106,6 +124,8 @@ def main(args: argparse.Namespace) -> int:
     from tandem.services.cli import engine_options
 
     torch.manual_seed(0)
+    if args.profile:
+        os.environ["TANDEM_PROFILE"] = args.profile  # read when the engine is built
     model_dir = resolve_model_path(args.model)
     vocab_size = load_hf_config(model_dir).vocab_size
     prompts = random_prompts(vocab_size, args.input_len, args.num_prompts, args.seed)

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from tandem.engine.model_loader import resolve_model_path
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.processor import InputProcessor, PromptType
+from tandem.engine.profiling import StepProfiler
 from tandem.engine.sampling_params import RequestOutputKind, SamplingParams
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.kvtransfer.base import TransferRecord
@@ -70,6 +72,8 @@ class AsyncLLM:
         self.stats = EngineStats(num_free_kv_blocks=self.info.runtime.num_kv_blocks)
         self.input_processor = InputProcessor(self.tokenizer, self.info)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # TANDEM_PROFILE: the front end's parts of each step (the core times its own).
+        self.profiler = StepProfiler() if envs.profile_dir() else None
 
     @classmethod
     def from_options(cls, model: str | None = None, **options: Any) -> AsyncLLM:
@@ -130,6 +134,24 @@ class AsyncLLM:
         self.client.send(UtilityCall(call_id, method))
         return await future
 
+    async def start_profile(self) -> None:
+        """Start recording where step time goes (needs TANDEM_PROFILE=DIR)."""
+        await self.call_utility("start_profile")
+        if self.profiler is not None:
+            self.profiler.reset()
+            self._decode_start = getattr(self.client, "decode_seconds", 0.0)
+
+    async def stop_profile(self) -> dict[str, Any]:
+        """The split since ``start_profile``: the core's phases and forward by layer type,
+        the front end's parts, the trace file; milliseconds per core step."""
+        report = await self.call_utility("stop_profile")
+        if self.profiler is not None:
+            decoded = getattr(self.client, "decode_seconds", 0.0) - self._decode_start
+            self.profiler.add("receive_outputs", decoded)
+            self.profiler.num_steps = report["num_steps"]
+            report["front_end_ms_per_step"] = self.profiler.report()["phases_ms_per_step"]
+        return report
+
     # -- state ----------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
         """The core's gauges and counters as of its last step (never blocks)."""
@@ -174,7 +196,10 @@ class AsyncLLM:
             loop.call_soon_threadsafe(callback, *args)
 
     def _process(self, message: Outputs) -> None:
+        start = time.perf_counter()
         outputs, stopped = self.output_processor.process(message.outputs)
+        if self.profiler is not None:
+            self.profiler.add("output_processing", time.perf_counter() - start)
         for output in outputs:
             collector = self._collectors.get(output.request_id)
             if collector is not None:

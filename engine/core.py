@@ -9,6 +9,7 @@ does shares the core's GIL.
 
 from __future__ import annotations
 
+import gc
 import pathlib
 import time
 import uuid
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tandem.engine import envs
 from tandem.engine.config import EngineConfig, EngineRuntime, resolve_device
 from tandem.engine.kv_events import KVCacheEvent
 from tandem.engine.model_loader import load_hf_config
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.profiling import StepProfiler
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
@@ -114,6 +117,16 @@ class EngineCore:
             weight_bytes_after=self.runner.weight_bytes_after,
         )
         self.timing = StepTiming()
+        # Everything built so far lives as long as the engine: out of the collector's
+        # sight, a full collection no longer walks the model and its tensors mid-step
+        # (measured: 3.5% of a batch-64 decode loop went to gc before this).
+        gc.collect()
+        gc.freeze()
+        self.profiler: StepProfiler | None = None
+        if envs.profile_dir():
+            self.profiler = StepProfiler(envs.profile_dir())
+            self.profiler.instrument(self.runner.model)
+            self.runner.profiler = self.profiler
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -150,11 +163,18 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
+        scheduled = time.perf_counter()
         model_output = self.runner.execute(scheduler_output)
+        executed = time.perf_counter()
         outputs = self.scheduler.update_from_output(scheduler_output, model_output)
+        end = time.perf_counter()
         self.timing.num_steps += 1
-        self.timing.step_seconds += time.perf_counter() - start
+        self.timing.step_seconds += end - start
         self.timing.forward_seconds += self.runner.last_forward_seconds
+        if self.profiler is not None:
+            self.profiler.num_steps += 1
+            self.profiler.add("schedule", scheduled - start)
+            self.profiler.add("update", end - executed)
         return outputs
 
     # -- observability --------------------------------------------------------------------

@@ -124,6 +124,7 @@ class MPClient(EngineCoreClient):
             self._kill()
             raise
         self._on_output = on_output
+        self.decode_seconds = 0.0  # spent decoding the core's messages (profiling)
         self._thread = threading.Thread(target=self._receive, name="tandem-outputs", daemon=True)
         self._thread.start()
 
@@ -158,7 +159,10 @@ class MPClient(EngineCoreClient):
             while True:
                 events = dict(poller.poll(1000))
                 if self._output in events:
-                    message = decode_output(self._output.recv())
+                    data = self._output.recv()
+                    start = time.perf_counter()
+                    message = decode_output(data)
+                    self.decode_seconds += time.perf_counter() - start
                     self._on_output(message)
                     if isinstance(message, Failed):
                         return

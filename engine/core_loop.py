@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -48,10 +49,27 @@ def _reset_prefix_cache(core: EngineCore) -> bool:
     return core.scheduler.kv.pool.reset_prefix_cache()
 
 
-# The read-only (or harmless) calls a front end may make by name; nothing else runs.
+def _start_profile(core: EngineCore) -> bool:
+    if core.profiler is None:
+        raise RuntimeError("profiling is off; start the engine with TANDEM_PROFILE=DIR")
+    core.profiler.reset()
+    core.profiler.start_trace()
+    return True
+
+
+def _stop_profile(core: EngineCore) -> dict:
+    if core.profiler is None:
+        raise RuntimeError("profiling is off; start the engine with TANDEM_PROFILE=DIR")
+    trace = core.profiler.stop_trace("engine-core")
+    return {**core.profiler.report(), "trace": trace}
+
+
+# The calls a front end may make by name (reads, and harmless switches); nothing else runs.
 UTILITIES: dict[str, Callable[[EngineCore], object]] = {
     "reset_prefix_cache": _reset_prefix_cache,
     "check_integrity": lambda core: core.scheduler.kv.check_integrity() is None,
+    "start_profile": _start_profile,
+    "stop_profile": _stop_profile,
 }
 
 Receive = Callable[[float | None], list[CoreInput]]  # timeout (None: block) -> messages
@@ -78,8 +96,11 @@ class CoreLoop:
             results, self._results = self._results, []
             stats = self.core.stats()
             if outputs or records or results or stats != last_stats:
+                start = time.perf_counter()
                 self.send(Outputs(outputs, stats, records, results))
                 last_stats = stats
+                if self.core.profiler is not None:
+                    self.core.profiler.add("send_outputs", time.perf_counter() - start)
 
     def _timeout(self) -> float | None:
         if self._errors or self._results:

@@ -41,6 +41,18 @@ def engine_multiprocess() -> bool:
     return _get("TANDEM_ENGINE_MULTIPROCESS", "1") not in ("0", "false", "no")
 
 
+def profile_dir() -> str | None:
+    """TANDEM_PROFILE: a folder; when set, engines record where their step time goes
+    (``engine/profiling.py``) and write torch profiler traces there (default: off)."""
+    return _get("TANDEM_PROFILE", "") or None
+
+
+def cpu_fused_ops() -> bool:
+    """TANDEM_CPU_FUSED_OPS: run CPU norms, rotary, SwiGLU and the KV-cache write on fused
+    C++ ops (default 1); 0 keeps the torch references."""
+    return _get("TANDEM_CPU_FUSED_OPS", "1") not in ("0", "false", "no")
+
+
 def api_key() -> str | None:
     """TANDEM_API_KEY: the key `tandem serve` asks for unless --api-key is given (default none)."""
     return _get("TANDEM_API_KEY", "") or None

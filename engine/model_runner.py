@@ -23,8 +23,10 @@ from tandem.engine.input_builder import (
 )
 from tandem.engine.model_loader import iter_weights, resolve_dtype
 from tandem.engine.models import get_model_class
+from tandem.engine.models.cpu_fused import can_fuse, fuse_layers
 from tandem.engine.models.cpu_linear import can_pack, pack_linear_layers
 from tandem.engine.outputs import Logprob, PositionLogprobs
+from tandem.engine.profiling import StepProfiler
 from tandem.engine.quantization import create_quantization_method, quantize_model, weight_bytes
 from tandem.engine.sampler import Sampler, SamplerOutput, gather_logprobs
 from tandem.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -54,6 +56,7 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.eos_token_ids: frozenset[int] = frozenset()
         self.last_forward_seconds = 0.0  # the model forward of the last step
+        self.profiler: StepProfiler | None = None  # set by the core in profiling mode
 
     @property
     def num_kv_blocks(self) -> int:
@@ -81,6 +84,8 @@ class ModelRunner:
             self._quantize(model)
         elif envs.cpu_packed_linear() and can_pack(model):
             pack_linear_layers(model, batch_hint=self.config.scheduler.max_num_seqs)
+        if envs.cpu_fused_ops() and can_fuse(model):
+            fuse_layers(model)
         return model.eval()
 
     def _quantize(self, model: torch.nn.Module) -> None:
@@ -159,6 +164,7 @@ class ModelRunner:
         if self.connector is not None and out.connector_meta is not None:
             self.connector.start_load_kv(out.connector_meta)
         self.last_forward_seconds = 0.0
+        start = time.perf_counter()
         batch = [
             (self.states[rid], n)
             for rid, n in out.num_scheduled_tokens.items()
@@ -174,13 +180,18 @@ class ModelRunner:
         if inputs is not None:
             if self.device != "cpu":  # built on the host; one copy per step, none on CPU
                 inputs = inputs.to(self.device)
-            start = time.perf_counter()
+            built = time.perf_counter()
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-            self.last_forward_seconds = time.perf_counter() - start
+            forwarded = time.perf_counter()
+            self.last_forward_seconds = forwarded - built
             self._sample(inputs, hidden, result)
             self._prompt_logprobs(inputs, hidden, result)
             for state, n in inputs.order:
                 state.num_computed_tokens += n
+            if self.profiler is not None:
+                self.profiler.add("build_inputs", built - start)
+                self.profiler.add("forward", forwarded - built)
+                self.profiler.add("sample", time.perf_counter() - forwarded)
         if self.connector is not None:
             result.finished_transfers = self.connector.get_finished()
         return result

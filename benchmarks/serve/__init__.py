@@ -158,9 +158,18 @@ async def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         send_times = runner.arrival_times(
             len(inputs), args.request_rate, args.burstiness, arrival_rng
         )
+        if args.profile:
+            await _profile_call(session, base_url, "start_profile")
         outputs, duration = await runner.run(
             session, inputs, send_times, args.max_concurrency, not args.disable_tqdm
         )
+        if args.profile:
+            from tandem.engine.profiling import format_report
+
+            split = await _profile_call(session, base_url, "stop_profile")
+            print(format_report(split, "server step time"))
+            if split.get("trace"):
+                print(f"torch profiler trace: {split['trace']}")
 
     metrics = calculate_metrics(
         outputs,
@@ -196,6 +205,16 @@ async def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         path = pathlib.Path(args.result_dir or ".") / name
         report.save_result(result, path, args.save_detailed)
     return result
+
+
+async def _profile_call(session: Any, base_url: str, route: str) -> dict[str, Any]:
+    async with session.post(f"{base_url}/{route}") as response:
+        if response.status != 200:
+            raise BenchmarkError(
+                f"--profile: POST /{route} answered {response.status}: {await response.text()}"
+                " (start the server with TANDEM_PROFILE=DIR)"
+            )
+        return await response.json() if route == "stop_profile" else {}
 
 
 def main(args: argparse.Namespace) -> int:

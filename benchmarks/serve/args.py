@@ -163,3 +163,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     report.add_argument("--label", default=None, help="File name prefix (default: --backend).")
     report.add_argument("--disable-tqdm", action="store_true", help="No progress bar.")
+    report.add_argument(
+        "--profile",
+        action="store_true",
+        help="Around the main run, call the server's /start_profile and /stop_profile "
+        "(vLLM's; a Tandem server started with TANDEM_PROFILE=DIR) and print where its "
+        "step time went.",
+    )

@@ -10,56 +10,21 @@ the machine's compiler and cached by torch (``TORCH_EXTENSIONS_DIR``, by default
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import pathlib
-import platform
-import time
 
 import torch
+from tandem.engine import cpu_ops, envs
 from tandem.engine.attention.base import AttentionMetadata
 from tandem.engine.attention.torch_attn import TorchAttentionBackend
-
-logger = logging.getLogger(__name__)
+from tandem.engine.native_build import load_extension
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_decode.cpp"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cpu_tag() -> str:
-    """A short tag of this CPU's instruction set: the op is built with -march=native, so a
-    torch extensions folder shared between machines must not hand one CPU's build to
-    another."""
-    flags = platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
-
-
-@functools.cache
 def load_paged_decode():
     """The compiled op module, or None (with a warning) where it cannot be built."""
-    from torch.utils import cpp_extension
-
-    start = time.perf_counter()
-    try:
-        module = cpp_extension.load(
-            name=f"tandem_paged_decode_{_cpu_tag()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:  # no compiler, no ninja, unsupported flags: all mean "fall back"
-        logger.warning("native CPU attention unavailable, using the torch backend: %s", exc)
-        return None
-    logger.info("native CPU attention op ready in %.1f s", time.perf_counter() - start)
-    return module
+    return load_extension("tandem_paged_decode", SOURCE)
 
 
 def paged_decode_attention(
@@ -127,6 +92,14 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
     def __init__(self) -> None:
         if load_paged_decode() is None:
             raise RuntimeError("the native paged decode op could not be compiled (see the log)")
+        # The cache write on the fused op too, where it builds (else the torch one).
+        self.fused_cache_write = envs.cpu_fused_ops() and cpu_ops.available()
+
+    def _write_cache(self, layer_idx, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        if self.fused_cache_write:
+            cpu_ops.reshape_and_cache(k, v, kv_cache, meta.slot_block, meta.slot_offset, layer_idx)
+        else:
+            super()._write_cache(layer_idx, k, v, kv_cache, meta)
 
     def _decode(self, layer_idx, q, kv_cache, meta: AttentionMetadata, scale, out) -> None:
         nd, tables = meta.num_decodes, meta.decode_block_tables

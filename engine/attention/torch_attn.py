@@ -18,9 +18,7 @@ class TorchAttentionBackend(AttentionBackend):
         num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         # rows: [num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim]
         rows = kv_cache.view(num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim)
-        k_row = (meta.slot_block * num_layers + layer_idx) * 2
-        rows[k_row, meta.slot_offset] = k
-        rows[k_row + 1, meta.slot_offset] = v
+        self._write_cache(layer_idx, k, v, kv_cache, meta)
 
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
@@ -44,6 +42,14 @@ class TorchAttentionBackend(AttentionBackend):
             )  # fmt: skip
             out[sl] = o[0].transpose(0, 1)
         return out
+
+    def _write_cache(self, layer_idx, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        """Put the new tokens' K and V rows into their slots of layer ``layer_idx``."""
+        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        rows = kv_cache.view(num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim)
+        k_row = (meta.slot_block * num_layers + layer_idx) * 2
+        rows[k_row, meta.slot_offset] = k
+        rows[k_row + 1, meta.slot_offset] = v
 
     def _decode(self, layer_idx, q, kv_cache, meta: AttentionMetadata, scale, out) -> None:
         """Attend the decode rows ``[0, num_decodes)`` of q and write them into ``out``."""

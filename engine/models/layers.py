@@ -74,16 +74,30 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, num_heads, head_dim]
-        cos = self.cos[positions][:, None].to(x.dtype)  # [num_tokens, 1, rotary_dim / 2]
-        sin = self.sin[positions][:, None].to(x.dtype)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
+        cos = self.cos[positions][:, None].to(q.dtype)  # [num_tokens, 1, rotary_dim / 2]
+        sin = self.sin[positions][:, None].to(q.dtype)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.rotary_dim // 2
         x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         if self.rotary_dim == self.head_dim:
             return rotated
         return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
+
+
+class SiluAndMul(nn.Module):
+    """SwiGLU's activation: ``silu(gate) * up`` of a fused gate/up projection."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: [num_tokens, 2 * intermediate] -> [num_tokens, intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class MergedLinear(nn.Linear):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.models.base import CausalLM
 from tandem.engine.models.layers import (
@@ -17,6 +16,7 @@ from tandem.engine.models.layers import (
     MergedLinear,
     RMSNorm,
     RotaryEmbedding,
+    SiluAndMul,
     load_weights,
     rope_parameters,
 )
@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q), self.rotary(positions, k)
+        q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -73,10 +73,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
         if cfg.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported for this model")
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -79,6 +79,17 @@ def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    if engine_client.profiler is not None:  # TANDEM_PROFILE is set: vLLM's profiling routes
+
+        @app.post("/start_profile")
+        async def start_profile() -> Response:
+            await engine_client.start_profile()
+            return Response(status_code=200)
+
+        @app.post("/stop_profile")
+        async def stop_profile() -> JSONResponse:
+            return JSONResponse(await engine_client.stop_profile())
+
     @app.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": _version()})

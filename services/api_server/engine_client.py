@@ -39,6 +39,13 @@ class EngineClient(ABC):
     tokenizer: Any
     max_model_len: int
     vocab_size: int
+    profiler: Any = None  # a StepProfiler of the HTTP side's parts, in profiling mode
+
+    async def start_profile(self) -> None:
+        raise NotImplementedError("profiling is not available behind this server")
+
+    async def stop_profile(self) -> dict[str, Any]:
+        raise NotImplementedError("profiling is not available behind this server")
 
     @property
     @abstractmethod
@@ -77,3 +84,13 @@ class LocalEngineClient(EngineClient):
 
     def get_stats(self) -> EngineStats:
         return self.async_llm.get_stats()
+
+    @property
+    def profiler(self) -> Any:
+        return self.async_llm.profiler
+
+    async def start_profile(self) -> None:
+        await self.async_llm.start_profile()
+
+    async def stop_profile(self) -> dict[str, Any]:
+        return await self.async_llm.stop_profile()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -192,9 +193,15 @@ class OpenAIServing:
             response = self.response(body, response_id, choices, usage.usage())
             return JSONResponse(response.model_dump())
 
+        profiler = self.engine_client.profiler
+
         async def events(items: AsyncIterator[Item]) -> AsyncIterator[str]:
             async for choices in self.stream_choices(body, new_deltas(items, body.n, usage)):
-                yield sse(self.chunk(response_id, choices))
+                start = time.perf_counter()
+                event = sse(self.chunk(response_id, choices))
+                if profiler is not None:
+                    profiler.add("http_serialization", time.perf_counter() - start)
+                yield event
             if body.include_usage:
                 yield sse(self.chunk(response_id, [], usage.usage()))
 
