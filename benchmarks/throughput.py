@@ -51,7 +51,6 @@ def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:
     from tandem.engine import LLM, SamplingParams
 
     options.setdefault("max_num_seqs", max(args.num_prompts, 1))
-    options.setdefault("dtype", "float32")
     llm = LLM(**options)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(
@@ -82,6 +81,7 @@ def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:
         "num_output_tokens": num_tokens,
         "share_outside_forward": outside,
         "model_dir": str(llm.engine.model_dir),
+        "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
     }
 
 
@@ -146,8 +146,9 @@ def main(args: argparse.Namespace) -> int:
         rows.append((f"transformers sequential ({args.hf_sequential_prompts} prompts)",
                      hf["hf_sequential"]))  # fmt: skip
         rows.append((f"transformers static batch {args.hf_static_batch_size}", hf["hf_static"]))
+    threads = torch.get_num_threads()
     print(f"\nWorkload: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
-          f"greedy, EOS ignored, {torch.get_num_threads()} threads")  # fmt: skip
+          f"greedy, EOS ignored, {threads} threads, Tandem in {tandem['dtype']}")  # fmt: skip
     print(f"{'system':<40}{'output tok/s':>14}")
     for label, value in rows:
         print(f"{label:<40}{value:>14.1f}")

@@ -35,6 +35,13 @@ def cpu_packed_linear() -> bool:
     return _get("TANDEM_CPU_PACKED_LINEAR", "1") not in ("0", "false", "no")
 
 
+def cpu_bf16() -> str:
+    """TANDEM_CPU_BF16: whether dtype 'auto' computes in bfloat16 on CPU: 'auto' (default)
+    where the CPU multiplies bf16 natively (AMX or AVX512-BF16), '1' always, '0' never
+    (float32, as on a CPU without native bf16)."""
+    return _get("TANDEM_CPU_BF16", "auto").lower()
+
+
 def engine_multiprocess() -> bool:
     """TANDEM_ENGINE_MULTIPROCESS: services run the engine core in its own process (default 1);
     0 runs it in a thread of the service (debugging)."""

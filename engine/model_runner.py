@@ -46,7 +46,7 @@ class ModelRunner:
     ) -> None:
         self.config, self.hf_config, self.device = config, hf_config, device
         self.block_size = config.cache.block_size
-        self.dtype = resolve_dtype(config.model.dtype, hf_config)
+        self.dtype = resolve_dtype(config.model.dtype, hf_config, device)
         self.model = self._load_model(model_dir)
         self.kv_cache = self._allocate_kv_cache()
         self.connector = connector

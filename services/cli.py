@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(tp)
     tp.set_defaults(func=throughput.main)
 
+    from tandem.benchmarks import step as bench_step
+
+    bst = bench_sub.add_parser("step", help=bench_step.__doc__.splitlines()[0])
+    bench_step.add_args(bst)
+    add_engine_args(bst)
+    bst.set_defaults(func=bench_step.main)
+
     from tandem.benchmarks import kernels as bench_kernels
 
     bk = bench_sub.add_parser("kernels", help=bench_kernels.__doc__.splitlines()[0])

@@ -22,10 +22,15 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Parity tests compare with Hugging Face in float32, and dtype 'auto' would pick bfloat16 on a
+# CPU with AMX or AVX512-BF16: pin it to float32 here (and in every server a test starts), so
+# that the suite checks the same thing on every machine. Tests of bfloat16 ask for it by name.
+os.environ["TANDEM_CPU_BF16"] = "0"
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> pathlib.Path:
-    """The default model's converted Hugging Face folder (SmolLM2-135M-Instruct, float32)."""
+    """The default model's converted Hugging Face folder (SmolLM2-135M-Instruct, bf16)."""
     from tandem.engine.model_loader import default_model_path
 
     return default_model_path()

@@ -33,6 +33,7 @@ class DyingEngineClient:
         self.max_model_len, self.vocab_size = runtime.max_model_len, runtime.vocab_size
         self.get_stats = self.engine.get_stats
         self.dead_error: BaseException | None = None
+        self.profiler = None  # profiling mode is off
 
     async def generate(self, prompt, params, request_id, **kwargs):
         completion = CompletionOutput(0, "Hello", [19556], None, None)

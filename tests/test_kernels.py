@@ -287,8 +287,9 @@ def test_rotary_reference_matches_model_layer_and_complex_rotation():
     positions = torch.tensor([0, 3, 17, 63])
     q, k = torch.randn(4, 3, 32), torch.randn(4, 1, 32)
     q_ref, k_ref = ref.rotary_embedding(positions, q, k, rope.cos, rope.sin, True)
-    torch.testing.assert_close(q_ref, rope(positions, q))
-    torch.testing.assert_close(k_ref, rope(positions, k))
+    q_rope, k_rope = rope(positions, q, k)
+    torch.testing.assert_close(q_ref, q_rope)
+    torch.testing.assert_close(k_ref, k_rope)
     # gpt-j: adjacent pairs are complex numbers turned by e^(i * position * freq)
     _, k_gptj = ref.rotary_embedding(positions, q, k, rope.cos, rope.sin, False)
     turn = torch.polar(torch.ones_like(rope.cos), torch.atan2(rope.sin, rope.cos))[positions]

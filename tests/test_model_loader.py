@@ -125,8 +125,9 @@ def test_default_model_weights(default_model: pathlib.Path) -> None:
     # lm_head is tied to the embedding and saved only once.
     assert "lm_head.weight" not in weights
     assert len(weights) == 2 + 9 * config.num_hidden_layers
-    assert {t.dtype for t in weights.values()} == {torch.float32}
-    assert resolve_dtype("auto", config) == torch.float32
+    # converted keeping the dtype SmolLM2-135M-Instruct was published in
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert resolve_dtype("auto", config, "cuda") == torch.bfloat16
 
 
 def test_default_tokenizer_and_eos(default_model: pathlib.Path) -> None:
@@ -254,24 +255,48 @@ def test_folder_without_tokenizer(tiny_model: torch.nn.Module, tmp_path: pathlib
 
 
 @pytest.mark.parametrize(
-    ("requested", "config_dtype", "expected"),
+    ("requested", "config_dtype", "device", "expected"),
     [
-        ("auto", "bfloat16", torch.bfloat16),
-        ("auto", "float16", torch.float16),
-        ("auto", "float32", torch.float32),
-        ("auto", "float64", torch.float32),
-        ("auto", None, torch.float32),
-        ("auto", torch.bfloat16, torch.bfloat16),
-        ("float16", "float32", torch.float16),
-        ("bfloat16", None, torch.bfloat16),
-        ("float32", "bfloat16", torch.float32),
+        ("auto", "bfloat16", "cuda", torch.bfloat16),
+        ("auto", "float16", "cuda", torch.float16),
+        ("auto", "float32", "cuda", torch.float32),
+        ("auto", "float64", "cuda", torch.float32),
+        ("auto", None, "cuda", torch.float32),
+        ("auto", torch.bfloat16, "cuda", torch.bfloat16),
+        ("float16", "float32", "cpu", torch.float16),
+        ("bfloat16", None, "cpu", torch.bfloat16),
+        ("float32", "bfloat16", "cpu", torch.float32),
     ],
 )
-def test_resolve_dtype(requested: str, config_dtype, expected: torch.dtype) -> None:
+def test_resolve_dtype(requested: str, config_dtype, device: str, expected: torch.dtype) -> None:
     from transformers import LlamaConfig
 
     config = LlamaConfig(dtype=config_dtype)
-    assert resolve_dtype(requested, config) == expected
+    assert resolve_dtype(requested, config, device) == expected
+
+
+@pytest.mark.parametrize("config_dtype", ["float32", "bfloat16", "float16", None])
+@pytest.mark.parametrize(("setting", "expected"), [("1", torch.bfloat16), ("0", torch.float32)])
+def test_auto_dtype_on_cpu_follows_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, config_dtype, setting: str, expected: torch.dtype
+) -> None:
+    from transformers import LlamaConfig
+
+    monkeypatch.setenv("TANDEM_CPU_BF16", setting)
+    assert resolve_dtype("auto", LlamaConfig(dtype=config_dtype), "cpu") == expected
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.engine import model_loader
+
+    monkeypatch.setenv("TANDEM_CPU_BF16", "auto")
+    flags = pathlib.Path("/proc/cpuinfo").read_text()
+    native = any(f" {name}" in flags for name in ("amx_bf16", "avx512_bf16", " bf16"))
+    assert model_loader.cpu_computes_bf16() == native
+    monkeypatch.setattr(model_loader, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not model_loader.cpu_computes_bf16()
+    monkeypatch.setattr(model_loader, "_cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert model_loader.cpu_computes_bf16()
 
 
 def test_resolve_dtype_rejects_unknown() -> None:
