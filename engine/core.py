@@ -212,6 +212,11 @@ class EngineCore:
             num_leased_requests=len(s.leased),
         )
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block no request holds; False, with nothing freed, while
+        requests are running."""
+        return self.scheduler.kv.pool.reset_prefix_cache()
+
     def enable_kv_events(self) -> None:
         self.scheduler.kv.pool.emit_events = True
 

@@ -45,10 +45,6 @@ logger = logging.getLogger("tandem.engine.core")
 _TRANSFER_POLL_SECONDS = 0.002
 
 
-def _reset_prefix_cache(core: EngineCore) -> bool:
-    return core.scheduler.kv.pool.reset_prefix_cache()
-
-
 def _start_profile(core: EngineCore) -> bool:
     if core.profiler is None:
         raise RuntimeError("profiling is off; start the engine with TANDEM_PROFILE=DIR")
@@ -66,7 +62,7 @@ def _stop_profile(core: EngineCore) -> dict:
 
 # The calls a front end may make by name (reads, and harmless switches); nothing else runs.
 UTILITIES: dict[str, Callable[[EngineCore], object]] = {
-    "reset_prefix_cache": _reset_prefix_cache,
+    "reset_prefix_cache": lambda core: core.reset_prefix_cache(),
     "check_integrity": lambda core: core.scheduler.kv.check_integrity() is None,
     "start_profile": _start_profile,
     "stop_profile": _stop_profile,

