@@ -10,7 +10,8 @@
 # setting here, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (the model worker's OpenMP uses every core),
 # and at its default, which reserves one of the 2 cores for its busy-polling engine-core
 # process. OpenVINO GenAI (benchmarks/install_openvino_genai.sh, its own venv) runs on the
-# same weights exported to OpenVINO IR in float32, computing in bf16 or f32 as asked.
+# same weights exported to OpenVINO IR in float32, computing in bf16 or f32 as asked, with
+# its default u8-compressed KV cache and again with K and V kept in the compute precision.
 # `--hf` adds transformers (sequential and static batches, float32). All read the folder
 # Tandem converts from the default GGUF file. Nothing else should run on the machine
 # meanwhile: on 2 cores, a busy neighbour stalls OpenMP.
@@ -60,9 +61,15 @@ for DTYPE in ${DTYPES//,/ }; do
     if [ "$OPENVINO" = 1 ]; then
         PRECISION=f32
         [ "$DTYPE" = bfloat16 ] && PRECISION=bf16
-        "$OV_VENV/bin/python" benchmarks/openvino_throughput.py --model "$OV_MODEL" \
-            "${WORKLOAD[@]}" --seed 0 --precision "$PRECISION" \
-            --output-json "$OUT/openvino-$DTYPE.json" >"$OUT/openvino-$DTYPE.txt" 2>&1
+        # Its default KV cache is u8 (compressed) on CPU; the second row keeps K and V in
+        # the compute precision, as Tandem and vLLM do.
+        for KV in default "$PRECISION"; do
+            NAME=openvino
+            [ "$KV" = default ] || NAME=openvino-kv
+            "$OV_VENV/bin/python" benchmarks/openvino_throughput.py --model "$OV_MODEL" \
+                "${WORKLOAD[@]}" --seed 0 --precision "$PRECISION" --kv-cache-precision "$KV" \
+                --output-json "$OUT/$NAME-$DTYPE.json" >"$OUT/$NAME-$DTYPE.txt" 2>&1
+        done
     fi
 done
 
@@ -80,7 +87,8 @@ for dtype in dtypes.split(","):
     rows = []
     for name, label in (("vllm-best", "vLLM, VLLM_CPU_NUM_OF_RESERVED_CPU=0"),
                         ("vllm-default", "vLLM, default (1 core reserved)"),
-                        ("openvino", "OpenVINO GenAI continuous batching")):
+                        ("openvino", "OpenVINO GenAI continuous batching (u8 KV cache)"),
+                        ("openvino-kv", "OpenVINO GenAI, KV cache in the compute dtype")):
         r = load(f"{name}-{dtype}")
         if r is not None:
             version = r.get("vllm_version") or r.get("openvino_genai_version") or ""

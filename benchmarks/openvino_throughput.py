@@ -27,6 +27,12 @@ def parse_args():
     add_workload_args(p, "OpenVINO IR folder (optimum-cli export)")
     p.add_argument("--precision", choices=("f32", "bf16"), default="bf16")
     p.add_argument("--cache-gib", type=int, default=2, help="KV cache size")
+    p.add_argument(
+        "--kv-cache-precision",
+        choices=("default", "u8", "f32", "bf16"),
+        default="default",
+        help="The CPU plugin's KV cache precision; its default on CPU is u8 (compressed)",
+    )
     return p.parse_args()
 
 
@@ -44,6 +50,8 @@ def main():
     scheduler.max_num_batched_tokens = 2048
     scheduler.dynamic_split_fuse = True
     properties = {"INFERENCE_PRECISION_HINT": args.precision}
+    if args.kv_cache_precision != "default":
+        properties["KV_CACHE_PRECISION"] = args.kv_cache_precision
     pipe = ov_genai.ContinuousBatchingPipeline(args.model, scheduler, "CPU", properties)
 
     def run(token_ids, max_tokens):
@@ -58,7 +66,8 @@ def main():
     results, elapsed = timed_run(run, prompts, args.output_len)
     num_output_tokens = sum(len(r.m_generation_ids[0]) for r in results)
     report("openvino", num_output_tokens, elapsed, args.output_json,
-           openvino_genai_version=ov_genai.__version__, precision=args.precision)  # fmt: skip
+           openvino_genai_version=ov_genai.__version__, precision=args.precision,
+           kv_cache_precision=args.kv_cache_precision)  # fmt: skip
 
 
 if __name__ == "__main__":

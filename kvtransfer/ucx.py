@@ -30,6 +30,39 @@ os.environ.setdefault("UCX_CMA_SEG_SIZE", "32M")
 MAX_ADDRESS_BYTES = 64 << 10
 
 
+def _rearm_after_events(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ucxx's blocking progress mode arm the worker again after every event.
+
+    ucxx's ``BlockingMode`` arms the worker once at start; its reader callback progresses
+    the worker on an event but never arms it again, and UCX's event fd stays readable
+    until it is armed. So after the first transfer the loop woke for that fd on every
+    iteration: about 13k epoll_wait calls a second and a whole core, idle, forever. Here
+    the reader callback starts ucxx's own arming task again (it progresses the worker until
+    ``arm()`` succeeds, once the loop has nothing else to run), so an idle loop sleeps.
+    """
+    import ucxx
+    from ucxx._lib_async import application_context
+    from ucxx._lib_async.continuous_ucx_progress import BlockingMode
+
+    ucxx.core._get_ctx().continuous_ucx_progress(loop)  # creates the loop's progress task
+    task = application_context.ProgressTasks.get(loop)
+    if not isinstance(task, BlockingMode):
+        return  # another progress mode: nothing to arm
+    fd = task.worker.epoll_file_descriptor
+
+    def on_event() -> None:
+        worker = task.worker
+        if worker is None:
+            return
+        worker.progress()
+        task.armed = False
+        if task.arm_task is None or task.arm_task.done():
+            task.arm_task = loop.create_task(task._arm_worker())
+
+    loop.remove_reader(fd)
+    loop.add_reader(fd, on_event)
+
+
 def _buffer(tensor: torch.Tensor):
     raw = as_bytes(tensor)
     return raw if raw.is_cuda else raw.numpy()  # numpy: the buffer protocol ucxx reads
@@ -69,6 +102,7 @@ class UcxDataPlane(DataPlane):
 
         if ucxx.core._ctx is None:  # first UCX user in this process: bind it to this loop
             ucxx.init(progress_mode=os.environ["UCXPY_PROGRESS_MODE"])
+            _rearm_after_events(asyncio.get_running_loop())
         self._address = bytes(ucxx.get_worker_address())
 
     def hello_info(self) -> bytes:

@@ -32,6 +32,7 @@ __all__ = [  # what each transport's test module runs
     "test_prefill_killed_mid_transfer",
     "test_prefill_then_decode_equals_colocated",
     "test_unknown_lease_is_refused_and_recomputed",
+    "test_idle_after_transfers_uses_under_5_percent_of_a_core",
 ]  # fmt: skip
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -194,6 +195,30 @@ def test_decode_side_loads_only_blocks_it_lacks(prefill, decode, expected, trans
     assert (cold.num_bytes, warm.num_bytes) == (3 * block_bytes, block_bytes)
     assert_idle(decode)
     assert_prefill_idle(prefill)
+
+
+def _cpu_seconds(pid: int | str = "self") -> float:
+    """User plus system CPU time of a process so far (all its threads)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_after_transfers_uses_under_5_percent_of_a_core(prefill, decode, expected, transport):
+    """ucxx's blocking progress once spun a core per process after the first transfer."""
+    prompt = make_prompts()[1]
+    for attempt in range(2):  # two transfers, so the worker has been woken and re-armed
+        rid = f"{transport}-idle-{attempt}"
+        add_decode(decode, rid, prompt, prefill.prefill(rid, prompt))
+        assert run(decode)[rid].outputs[0].token_ids == expected[1]
+    assert_prefill_idle(prefill)
+    time.sleep(1.0)  # OpenMP workers stop spinning
+    pids = {"decode (this process)": "self", "prefill": prefill.proc.pid}
+    before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    window = 10.0
+    time.sleep(window)
+    share = {name: (_cpu_seconds(pid) - before[name]) / window for name, pid in pids.items()}
+    print(f"{transport}: idle CPU share of one core over {window:g} s: {share}")
+    assert all(value < 0.05 for value in share.values()), share
 
 
 def test_unknown_lease_is_refused_and_recomputed(prefill, decode, expected, transport):

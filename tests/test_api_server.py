@@ -8,6 +8,7 @@ own short-lived server.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -39,7 +40,7 @@ GREEDY = {"temperature": 0, "max_tokens": 10}
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     args = [*ENGINE_ARGS, "--api-key", API_KEY, "--max-request-body-bytes", str(BODY_LIMIT),
-            "--body-read-timeout", str(BODY_TIMEOUT)]  # fmt: skip
+            "--body-read-timeout", str(BODY_TIMEOUT), "--enable-prompt-tokens-details"]  # fmt: skip
     proc = ServerProcess(args, log)
     yield proc
     proc.stop()
@@ -401,3 +402,141 @@ def test_sigterm_drains_running_requests_then_exits_0(tmp_path):
             httpx.get(proc.url + "/health", timeout=2)
     finally:
         proc.stop()
+
+
+# -- backpressure, the text-length check, and prompt_tokens_details off by default ---------
+LIMITED = {"max_concurrent": 8, "max_waiting": 4, "max_sequences": 4}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    """A server with small limits, one running sequence at a time and default settings
+    otherwise (no API key, prompt_tokens_details off)."""
+    log = tmp_path_factory.mktemp("limited") / "server.log"
+    args = [*ENGINE_ARGS, "--max-num-seqs", "1", "--body-read-timeout", "20",
+            "--max-concurrent-requests", str(LIMITED["max_concurrent"]),
+            "--max-waiting-requests", str(LIMITED["max_waiting"]),
+            "--max-sequences-per-request", str(LIMITED["max_sequences"])]  # fmt: skip
+    proc = ServerProcess(args, log)
+    yield proc
+    proc.stop()
+
+
+def test_prompt_tokens_details_are_opt_in(limited):
+    body = {"prompt": PROMPTS[0], "max_tokens": 2}
+    usage = httpx.post(limited.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+    assert usage["prompt_tokens"] > 0 and usage.get("prompt_tokens_details") is None
+
+
+def test_prompts_times_n_over_the_cap_get_400(limited):
+    cap = LIMITED["max_sequences"]
+    for body in (
+        {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1},
+        {"messages": CHATS[0], "n": cap + 1, "max_tokens": 1},
+    ):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        reply = httpx.post(limited.url + path, json=body, timeout=60)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == "n" and "--max-sequences-per-request" in error["message"]
+    ok = {"prompt": ["a", "b"], "n": 2, "max_tokens": 1}
+    assert httpx.post(limited.url + "/v1/completions", json=ok, timeout=60).status_code == 200
+
+
+def test_text_too_long_for_any_tokenization_is_refused_untokenized(limited):
+    from tandem.engine.model_loader import default_model_path
+    from tandem.engine.tokenizer import load_tokenizer
+    from tandem.services.api_server.tokenizer_pool import max_token_chars
+
+    limit = MAX_MODEL_LEN * max_token_chars(load_tokenizer(default_model_path()))
+    text = "a" * limit
+    for path, body, param in (
+        ("/v1/completions", {"prompt": text, "max_tokens": 1}, "prompt"),
+        ("/tokenize", {"prompt": text}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}, "messages"),
+    ):
+        reply = httpx.post(limited.url + path, json=body, timeout=60)
+        assert reply.status_code == 400, (path, reply.text)
+        error = reply.json()["error"]
+        assert error["param"] == param and "characters" in error["message"], error
+    # Shorter text is tokenized and then measured in tokens, as before.
+    reply = httpx.post(limited.url + "/v1/completions", json={"prompt": "a b " * 400}, timeout=60)
+    assert reply.status_code == 400 and "tokens" in reply.json()["error"]["message"]
+
+
+def _send_raw(url: str, body: dict) -> socket.socket:
+    """A connection that has sent ``body`` to /v1/completions and reads nothing (a
+    streamed response sends its head only once the request runs)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_full_queue_gets_503_with_retry_after(limited):
+    body = {"prompt": PROMPTS[0], "max_tokens": 300, "ignore_eos": True, "stream": True}
+    hi = {"prompt": "hi", "max_tokens": 1}
+    with contextlib.ExitStack() as stack:
+        # One runs (--max-num-seqs 1), two wait: the queue is at its limit.
+        for _ in range(1 + LIMITED["max_waiting"]):
+            stack.enter_context(_send_raw(limited.url, body))
+        _wait_for(
+            lambda: limited.metric("tandem:num_requests_waiting") >= LIMITED["max_waiting"],
+            30,
+            "the requests never queued",
+        )
+        reply = httpx.post(limited.url + "/v1/completions", json=hi, timeout=60)
+        assert reply.status_code == 503, reply.text
+        assert reply.headers["retry-after"] == "1"
+        error = reply.json()["error"]
+        assert error["code"] == "server_overloaded" and "--max-waiting-requests" in error["message"]
+    # Closing the connections aborts those requests; the server takes requests again.
+    _wait_for(
+        lambda: (
+            limited.metric("tandem:num_requests_running")
+            + limited.metric("tandem:num_requests_waiting")
+            == 0
+        ),
+        30,
+        "the aborted requests never left",
+    )
+    assert httpx.post(limited.url + "/v1/completions", json=hi, timeout=60).status_code == 200
+
+
+def test_too_many_concurrent_requests_get_503_with_retry_after(limited):
+    """Requests whose bodies have not arrived yet hold their places as any request does."""
+    host, port = limited.url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n"
+    )
+    replies: list[httpx.Response] = []
+
+    def answered(status: int) -> bool:
+        hi = {"prompt": "hi", "max_tokens": 1}
+        replies.append(httpx.post(limited.url + "/v1/completions", json=hi, timeout=60))
+        return replies[-1].status_code == status
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(LIMITED["max_concurrent"]):
+            sock = stack.enter_context(socket.create_connection((host, int(port)), timeout=30))
+            sock.sendall(head.encode() + b'{"prompt": ')
+        # The server reads the heads asynchronously: the limit holds once it has them all.
+        _wait_for(lambda: answered(503), 10, "the limit never held")
+        assert replies[-1].headers["retry-after"] == "1"
+        assert "--max-concurrent-requests" in replies[-1].json()["error"]["message"]
+        assert httpx.get(limited.url + "/health").status_code == 200  # probes are not counted
+    # The held connections are gone: their places come free.
+    _wait_for(lambda: answered(200), 10, "never served again")

@@ -91,7 +91,7 @@ def _deployment(transport: str, model_dir, logs):
     procs = [i.proc for i in launched]
     try:
         args = ["--prefill", launched[0].address, "--decode", launched[1].address]
-        args += ["--remote-prefill-min-tokens", "1"]
+        args += ["--remote-prefill-min-tokens", "1", "--enable-prompt-tokens-details"]
         router = ServerProcess(args, logs / "router.log", 180, "router")  # waits for its two
         procs.append(router)
         for instance in launched:

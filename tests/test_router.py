@@ -38,6 +38,7 @@ GREEDY = {"temperature": 0, "max_tokens": 10}
 def router(pair, tmp_path_factory):
     args = ["--prefill", pair.prefill_address, "--decode", pair.decode_address]
     args += ["--remote-prefill-min-tokens", "4", "--served-model-name", "tiny"]
+    args += ["--enable-prompt-tokens-details"]
     log = tmp_path_factory.mktemp("router") / "router.log"
     proc = ServerProcess(args, log, timeout=120, command_name="router")
     yield proc

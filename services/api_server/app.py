@@ -8,7 +8,6 @@ API key), OpenAI-shaped error handlers, and one serving object per API family ov
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
 from fastapi import FastAPI, Request
@@ -35,6 +34,7 @@ from tandem.services.api_server.responses import (
 from tandem.services.api_server.serving import unavailable
 from tandem.services.api_server.serving_chat import ChatServing
 from tandem.services.api_server.serving_completion import CompletionServing
+from tandem.services.api_server.tokenizer_pool import TokenizerPool
 
 
 def _version() -> str:
@@ -52,6 +52,7 @@ def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
         max_body_bytes=config.max_request_body_bytes,
         max_header_bytes=config.h11_max_incomplete_event_size,
         body_timeout=config.body_read_timeout,
+        max_concurrent_requests=config.max_concurrent_requests,
     )
     install_error_handlers(app)
     metrics = ServerMetrics(
@@ -62,12 +63,13 @@ def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
             and not isinstance(engine_client.dead_error, EngineUnavailableError)
         ),
     )
-    pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenizer")
+    pool = TokenizerPool(
+        engine_client.tokenizer, config.tokenizer_threads, engine_client.max_model_len
+    )
     completions = CompletionServing(engine_client, config, metrics, pool)
     chat = ChatServing(engine_client, config, metrics, pool)
     max_model_len = engine_client.max_model_len
     vocab_size = engine_client.vocab_size
-    tokenizer = engine_client.tokenizer
 
     @app.get("/health")
     async def health() -> Response:
@@ -119,7 +121,9 @@ def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
             prompt = await chat.tokenize(body.prompt, body.add_special_tokens)
         strs = None
         if body.return_token_strs:
-            strs = await chat.in_tokenizer_thread(tokenizer.convert_ids_to_tokens, prompt.token_ids)
+            strs = await chat.in_tokenizer_thread(
+                lambda tokenizer: tokenizer.convert_ids_to_tokens(prompt.token_ids)
+            )
         response = TokenizeResponse(
             count=len(prompt.token_ids),
             max_model_len=max_model_len,
@@ -135,7 +139,7 @@ def create_app(engine_client: EngineClient, config: ServerConfig) -> FastAPI:
             check_token_ids(body.tokens, vocab_size, "tokens")
         except ValueError as e:
             raise from_value_error(e) from e
-        text = await chat.in_tokenizer_thread(tokenizer.decode, body.tokens)
+        text = await chat.in_tokenizer_thread(lambda tokenizer: tokenizer.decode(body.tokens))
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     return app

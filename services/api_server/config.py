@@ -42,6 +42,26 @@ class ServerConfig:
     body_read_timeout: float = doc(
         30.0, "Seconds to wait for the rest of a request body before answering 408."
     )
+    tokenizer_threads: int = doc(
+        2, "Threads tokenizing requests, each with its own copy of the tokenizer."
+    )
+    max_sequences_per_request: int = doc(
+        256, "Most sequences one request may ask for: its prompts times n (400 above)."
+    )
+    max_waiting_requests: int = doc(
+        1024,
+        "Refuse new requests with 503 and Retry-After while this many sequences wait "
+        "for the engine (0: no limit).",
+    )
+    max_concurrent_requests: int = doc(
+        2048, "Refuse new /v1 requests with 503 and Retry-After beyond this many (0: no limit)."
+    )
+    enable_prompt_tokens_details: bool = doc(
+        False,
+        "Report usage.prompt_tokens_details.cached_tokens. Off by default, as in vLLM: "
+        "the count tells a client how much of its prompt other requests sent before it "
+        "(separate tenants by cache_salt).",
+    )
     uvicorn_log_level: str = doc(
         "info", "uvicorn's log level.", choices=("debug", "info", "warning", "error")
     )
@@ -68,6 +88,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--max-request-body-bytes must be >= 1")
     if not args.body_read_timeout > 0:
         raise ValueError(f"--body-read-timeout must be > 0, got {args.body_read_timeout}")
+    for flag in ("tokenizer_threads", "max_sequences_per_request"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("max_waiting_requests", "max_concurrent_requests"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     return ServerConfig(
         host=args.host,
@@ -78,6 +104,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_body_bytes=args.max_request_body_bytes,
         h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
         body_read_timeout=args.body_read_timeout,
+        tokenizer_threads=args.tokenizer_threads,
+        max_sequences_per_request=args.max_sequences_per_request,
+        max_waiting_requests=args.max_waiting_requests,
+        max_concurrent_requests=args.max_concurrent_requests,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         uvicorn_log_level=args.uvicorn_log_level,
         model_path=args.model,
     )

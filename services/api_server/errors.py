@@ -30,6 +30,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -37,6 +38,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
     def body(self) -> dict:
         return {
@@ -51,8 +53,11 @@ class APIError(Exception):
     def to_json(self) -> str:
         return json.dumps(self.body())
 
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code)
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -99,6 +104,14 @@ def engine_dead() -> APIError:
 
 def engine_unavailable(reason: str) -> APIError:
     return APIError(503, reason, type="server_error", code="engine_unavailable")
+
+
+def overloaded(reason: str) -> APIError:
+    """503 with Retry-After: the server is full now and may not be in a second."""
+    return APIError(
+        503, f"{reason}; retry later.", type="server_error", code="server_overloaded",
+        retry_after=1,
+    )  # fmt: skip
 
 
 def body_too_large(limit: int) -> APIError:

@@ -17,6 +17,7 @@ from tandem.services.api_server.errors import (
     bad_request,
     body_too_large,
     headers_too_large,
+    overloaded,
     unauthorized,
 )
 
@@ -36,8 +37,11 @@ class GuardMiddleware:
         max_body_bytes: int,
         max_header_bytes: int,
         body_timeout: float,
+        max_concurrent_requests: int = 0,
     ) -> None:
         self.app = app
+        self.max_concurrent = max_concurrent_requests  # /v1 requests at once; 0: no limit
+        self.num_concurrent = 0
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
@@ -61,7 +65,18 @@ class GuardMiddleware:
             await _send_error(send_with_id, error)
             return
         scope[REQUEST_ID_KEY] = request_id
-        await self.app(scope, self._limited(receive), send_with_id)
+        if not scope["path"].startswith("/v1/"):
+            await self.app(scope, self._limited(receive), send_with_id)
+            return
+        if self.max_concurrent and self.num_concurrent >= self.max_concurrent:
+            reason = f"{self.num_concurrent} requests are in progress (--max-concurrent-requests)"
+            await _send_error(send_with_id, overloaded(reason))
+            return
+        self.num_concurrent += 1
+        try:
+            await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            self.num_concurrent -= 1
 
     def _check(self, scope: Scope, headers: dict[bytes, bytes], request_id: str) -> APIError | None:
         # h11 enforces its limit only on a head that arrives in pieces; one read can bring
@@ -116,5 +131,6 @@ class GuardMiddleware:
 async def _send_error(send: Send, error: APIError) -> None:
     body = error.to_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers().items()]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -8,12 +8,10 @@ RequestOutput delta)`` pairs -> the handler folds them into a response or SSE ch
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -32,11 +30,13 @@ from tandem.services.api_server.errors import (
     engine_unavailable,
     from_value_error,
     model_not_found,
+    overloaded,
 )
 from tandem.services.api_server.metrics import ServerMetrics
 from tandem.services.api_server.protocol import SamplingRequest
 from tandem.services.api_server.responses import Usage, sse
 from tandem.services.api_server.streams import merge_streams, sse_response, until_disconnect
+from tandem.services.api_server.tokenizer_pool import TokenizerPool
 
 T = TypeVar("T")
 Item = tuple[int, RequestOutput]  # (prompt index, delta)
@@ -60,16 +60,14 @@ class OpenAIServing:
         engine_client: EngineClient,
         config: ServerConfig,
         metrics: ServerMetrics,
-        tokenizer_pool: ThreadPoolExecutor,
+        tokenizer_pool: TokenizerPool,
     ) -> None:
         self.engine_client = engine_client
         self.config = config
         self.metrics = metrics
-        self.tokenizer = engine_client.tokenizer
         self.max_model_len: int = engine_client.max_model_len
-        # Tokenizing on the event loop would stall every other request. One shared thread:
-        # requests are tokenized in arrival order, and no two server threads ever call the
-        # (not thread-safe) HF tokenizer at once.
+        # Tokenizing on the event loop would stall every other request: tokenizer threads,
+        # each with its own copy of the (not thread-safe) HF tokenizer.
         self._tokenizer_pool = tokenizer_pool
 
     # -- checks ---------------------------------------------------------------------------
@@ -79,6 +77,25 @@ class OpenAIServing:
             raise unavailable(self.engine_client.dead_error)
         if model is not None and model not in self.config.served_model_name:
             raise model_not_found(model, self.config.served_model_name)
+
+    def admit(self, num_sequences: int) -> None:
+        """Backpressure before any work: 400 for a request that asks for more sequences
+        (prompts x n) than one may, 503 with Retry-After while the engine's queue is full."""
+        cap = self.config.max_sequences_per_request
+        if num_sequences > cap:
+            raise bad_request(
+                f"n: the request asks for {num_sequences} sequences (prompts x n), more than "
+                f"the {cap} one request may (--max-sequences-per-request).",
+                "n",
+            )
+        limit = self.config.max_waiting_requests
+        if limit:
+            waiting = self.engine_client.get_stats().num_requests_waiting
+            if waiting + num_sequences > limit:
+                raise overloaded(
+                    f"{waiting} sequences are waiting for the engine, and the limit is "
+                    f"{limit} (--max-waiting-requests)"
+                )
 
     def check_length(self, prompt: Prompt, max_tokens: int | None, param: str) -> None:
         """vLLM's rule: the prompt must leave room, and an explicit max_tokens must fit.
@@ -124,14 +141,27 @@ class OpenAIServing:
         return params
 
     # -- tokenizer ------------------------------------------------------------------------
-    async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+    async def in_tokenizer_thread(self, fn: Callable[[Any], T]) -> T:
+        """``fn(tokenizer)`` on a tokenizer thread."""
+        return await self._tokenizer_pool.run(fn)
 
-    async def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> Prompt:
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuses, before tokenizing it, a text too long to fit in any case."""
+        if len(text) >= self._tokenizer_pool.max_text_chars:
+            raise bad_request(
+                f"{param}: {len(text)} characters are more than this model's maximum context "
+                f"length of {self.max_model_len} tokens can hold; shorten the input.",
+                param,
+            )
+
+    async def tokenize(
+        self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt"
+    ) -> Prompt:
         if not isinstance(prompt, str):
             return Prompt(None, list(prompt))
+        self.check_text_length(prompt, param)
         ids = await self.in_tokenizer_thread(
-            lambda: self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+            lambda tokenizer: tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
         )
         return Prompt(prompt, ids)
 
@@ -184,7 +214,7 @@ class OpenAIServing:
     ) -> Response:
         """Run ``prompts``; answer with ``response()``, or stream ``stream_choices()``."""
         stream = self.generate(prompts, params, request_id, body.cache_salt)
-        usage = UsageCounter(prompts)
+        usage = UsageCounter(prompts, self.config.enable_prompt_tokens_details)
         response_id = f"{self.id_prefix}-{request_id}"
         if not body.stream:
             choices = await until_disconnect(raw_request, collect(stream, body.n, usage))
@@ -273,7 +303,8 @@ class UsageCounter:
     """Token counts of one user request across its prompts and samples, and each
     prompt's logprobs (which arrive in pieces while a long prompt is prefilled)."""
 
-    def __init__(self, prompts: list[Prompt]) -> None:
+    def __init__(self, prompts: list[Prompt], with_details: bool = False) -> None:
+        self.with_details = with_details  # report cached_tokens (--enable-prompt-tokens-details)
         self.num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
         self.num_cached: dict[int, int] = {}
         self.num_completion_tokens = 0
@@ -286,5 +317,5 @@ class UsageCounter:
             self.prompt_logprobs.setdefault(prompt_index, []).extend(output.prompt_logprobs)
 
     def usage(self) -> Usage:
-        cached = sum(self.num_cached.values())
+        cached = sum(self.num_cached.values()) if self.with_details else None
         return Usage.of(self.num_prompt_tokens, self.num_completion_tokens, cached)

@@ -48,9 +48,9 @@ class ChatServing(OpenAIServing):
             )
         messages = [m.template_dict() for m in body.messages]
 
-        def apply() -> Prompt:
+        def apply(tokenizer) -> Prompt:
             try:
-                text = self.tokenizer.apply_chat_template(
+                text = tokenizer.apply_chat_template(
                     messages,
                     tokenize=False,
                     add_generation_prompt=body.add_generation_prompt,
@@ -59,7 +59,8 @@ class ChatServing(OpenAIServing):
                 )
             except Exception as e:  # jinja2 and transformers raise several kinds
                 raise bad_request(f"messages: the chat template failed: {e}", "messages") from e
-            ids = self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+            self.check_text_length(text, "messages")
+            ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
             return Prompt(text, ids)
 
         return await self.in_tokenizer_thread(apply)
@@ -68,6 +69,7 @@ class ChatServing(OpenAIServing):
         self, body: ChatCompletionRequest, raw_request: Request, request_id: str
     ) -> Response:
         self.check_request(body.model)
+        self.admit(body.n)
         prompt = await self.render(body)
         max_tokens = body.max_output_tokens
         self.check_length(prompt, max_tokens, "messages")

@@ -32,6 +32,7 @@ class CompletionServing(OpenAIServing):
         texts_or_ids = body.prompts()
         if not texts_or_ids:
             raise bad_request("prompt: give at least one prompt", "prompt")
+        self.admit(len(texts_or_ids) * body.n)
         prompts = [await self.tokenize(p) for p in texts_or_ids]
         for prompt in prompts:
             self.check_length(prompt, body.max_tokens, "prompt")

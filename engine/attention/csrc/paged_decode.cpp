@@ -11,9 +11,10 @@
 // side by side) are read as one stretch; the query heads sharing a kv head are scored
 // together, so each K and V row is read from memory once.
 //
-// Two chunk kernels: a generic one (any dtype and head_dim, compiler-vectorized) and, where
+// Three chunk kernels: a generic one (any dtype and head_dim, compiler-vectorized); where
 // the compiler targets AVX-512, one for float32/bfloat16 with head_dim 64 or 128 that keeps
-// the query and output rows of up to 16 registers' worth of heads in registers.
+// the query and output rows of up to 16 registers' worth of heads in registers; and where
+// it targets AVX512-BF16, one for bfloat16 with head_dim 64 that scores with VDPBF16PS.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -51,6 +52,8 @@ struct Geometry {
 template <typename T>
 struct ChunkArgs {
   const float* q;  // [num_q, head_dim], already scaled
+  const T* qb;     // [num_q, head_dim], the query as given (read by the AVX512-BF16 kernel)
+  float scale;
   const T* const* rows;
   int64_t n, k_off, v_off, num_q, head_dim;
   float* m;    // [num_q] running max
@@ -151,9 +154,13 @@ inline __m512 exp16_nonpositive(__m512 x) {
 
 // DV registers per row (head_dim = 16 * DV), NQ query heads: the NQ * DV output registers
 // stay in registers for the whole chunk.
+// The rest of a chunk once its scores s are in: online softmax, then the V rows into the
+// NQ * DV output registers.
+template <typename T, int DV, int NQ>
+void finish_chunk(const ChunkArgs<T>& a, float (&s)[NQ][kChunk]);
+
 template <typename T, int DV, int NQ>
 void chunk_avx512(const ChunkArgs<T>& a) {
-  constexpr int kVecs = kChunk / 16;
   alignas(64) float s[NQ][kChunk];
   for (int64_t t = 0; t < a.n; ++t) {
     __m512 k[DV];
@@ -166,6 +173,12 @@ void chunk_avx512(const ChunkArgs<T>& a) {
       s[h][t] = _mm512_reduce_add_ps(dot);
     }
   }
+  finish_chunk<T, DV, NQ>(a, s);
+}
+
+template <typename T, int DV, int NQ>
+void finish_chunk(const ChunkArgs<T>& a, float (&s)[NQ][kChunk]) {
+  constexpr int kVecs = kChunk / 16;
   __m512 acc[NQ][DV];
   for (int h = 0; h < NQ; ++h) {
     __mmask16 valid[kVecs];
@@ -202,6 +215,66 @@ void chunk_avx512(const ChunkArgs<T>& a) {
     for (int i = 0; i < DV; ++i) _mm512_storeu_ps(a.acc + h * 16 * DV + 16 * i, acc[h][i]);
   }
 }
+
+#if defined(__AVX512BF16__)
+// bfloat16 with head_dim 64: each score is two VDPBF16PS on the raw bf16 query and key
+// (exact products, float32 sums), and the 16 partial-sum vectors of 16 tokens are folded
+// into one vector of their 16 scores by a transpose-and-add tree (15 folds of 3
+// instructions) instead of 16 horizontal reductions of ~8 each.
+inline __m512bh load_bf16x32(const c10::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+
+inline __m512 dot_partial(__m512bh q0, __m512bh q1, const c10::BFloat16* k) {
+  return _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q0, load_bf16x32(k)), q1,
+                          load_bf16x32(k + 32));
+}
+
+// Folds: two vectors' lanes summed pairwise into one (per 128-bit lane: a, b, a, b), four
+// into one (a, b, c, d per 128-bit lane), then across 128-bit lanes.
+inline __m512 fold2(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+inline __m512 fold4(__m512 ab, __m512 cd) {
+  const __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+inline __m512 fold_lanes(__m512 e, __m512 f) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e, f, 0x88), _mm512_shuffle_f32x4(e, f, 0xDD));
+}
+
+// Lane t: the unscaled score of token rows[t] (t < 16) against the query (q0, q1).
+inline __m512 scores16(__m512bh q0, __m512bh q1, const c10::BFloat16* const* rows,
+                       int64_t k_off) {
+  __m512 eight[2];
+  for (int half = 0; half < 2; ++half) {
+    __m512 four[2];
+    for (int quad = 0; quad < 2; ++quad) {
+      const c10::BFloat16* const* r = rows + 8 * half + 4 * quad;
+      four[quad] = fold4(fold2(dot_partial(q0, q1, r[0] + k_off), dot_partial(q0, q1, r[1] + k_off)),
+                         fold2(dot_partial(q0, q1, r[2] + k_off), dot_partial(q0, q1, r[3] + k_off)));
+    }
+    eight[half] = fold_lanes(four[0], four[1]);
+  }
+  return fold_lanes(eight[0], eight[1]);
+}
+
+// Rows past n are padding (the caller repeats the last row), scored and then masked.
+template <int NQ>
+void chunk_bf16_dot(const ChunkArgs<c10::BFloat16>& a) {
+  alignas(64) float s[NQ][kChunk];
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int h = 0; h < NQ; ++h) {
+    const __m512bh q0 = load_bf16x32(a.qb + h * 64), q1 = load_bf16x32(a.qb + h * 64 + 32);
+    for (int64_t j = 0; 16 * j < a.n; ++j) {
+      _mm512_store_ps(s[h] + 16 * j,
+                      _mm512_mul_ps(scores16(q0, q1, a.rows + 16 * j, a.k_off), scale));
+    }
+  }
+  finish_chunk<c10::BFloat16, 4, NQ>(a, s);
+}
+#endif
 #endif
 
 template <typename T>
@@ -212,6 +285,16 @@ template <typename T>
 std::pair<ChunkFn<T>, int64_t> pick_kernel([[maybe_unused]] int64_t head_dim, int64_t num_q) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (head_dim == 64) {
+        static constexpr ChunkFn<T> fns[] = {chunk_bf16_dot<1>, chunk_bf16_dot<2>,
+                                             chunk_bf16_dot<3>, chunk_bf16_dot<4>};
+        const int64_t nq = std::min<int64_t>(num_q, 4);
+        return {fns[nq - 1], nq};
+      }
+    }
+#endif
     if (head_dim == 64) {
       static constexpr ChunkFn<T> fns[] = {chunk_avx512<T, 4, 1>, chunk_avx512<T, 4, 2>,
                                            chunk_avx512<T, 4, 3>, chunk_avx512<T, 4, 4>};
@@ -241,10 +324,12 @@ inline void prefetch_row(const void* start, int64_t num_bytes) {
 // Per-thread buffers, sized once per call for a task of up to heads_per_task kv heads.
 struct Scratch {
   std::vector<float> q, acc, m, l;
+  std::vector<c10::BFloat16> qb;  // the task's query rows as given, for chunk_bf16_dot
   std::vector<const void*> rows;  // each token's row (at kv head 0), then kChunk repeats
   explicit Scratch(const Geometry& g)
       : q(g.heads_per_task * g.group * g.head_dim),
         acc(q.size()),
+        qb(q.size()),
         m(g.heads_per_task * g.group),
         l(m.size()),
         rows(g.max_blocks * g.block_size + kChunk) {}
@@ -258,7 +343,10 @@ void attend_row(const T* q, T* out, const T* cache, const int64_t* blocks, int64
   for (int64_t h = 0; h < num_q; ++h) {
     const T* qh = q + (h0 * g.group + h) * g.q_head_stride;
     for (int64_t i = 0; i < d; ++i) w.q[h * d + i] = to_f32(qh[i]) * g.scale;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) std::copy_n(qh, d, w.qb.data() + h * d);
   }
+  const T* qb = nullptr;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) qb = w.qb.data();
   std::fill_n(w.acc.begin(), num_q * d, 0.0f);
   std::fill_n(w.m.begin(), num_q, -std::numeric_limits<float>::infinity());
   std::fill_n(w.l.begin(), num_q, 0.0f);
@@ -281,8 +369,9 @@ void attend_row(const T* q, T* out, const T* cache, const int64_t* blocks, int64
       for (int64_t first = 0; first < g.group;) {
         const auto [kernel, num] = pick_kernel<T>(d, g.group - first);
         const int64_t j = (kv - h0) * g.group + first;  // first query head, in the task
-        kernel({w.q.data() + j * d, rows + start, n, kv * d, g.kv_offset + kv * d, num, d,
-                w.m.data() + j, w.l.data() + j, w.acc.data() + j * d});
+        kernel({w.q.data() + j * d, qb == nullptr ? nullptr : qb + j * d, g.scale, rows + start,
+                n, kv * d, g.kv_offset + kv * d, num, d, w.m.data() + j, w.l.data() + j,
+                w.acc.data() + j * d});
         first += num;
       }
     }
