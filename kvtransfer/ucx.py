@@ -55,7 +55,6 @@ def _rearm_after_events(loop: asyncio.AbstractEventLoop) -> None:
         if worker is None:
             return
         worker.progress()
-        task.armed = False
         if task.arm_task is None or task.arm_task.done():
             task.arm_task = loop.create_task(task._arm_worker())
 

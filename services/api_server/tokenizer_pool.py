@@ -51,6 +51,3 @@ class TokenizerPool:
         """``fn(tokenizer)`` on a tokenizer thread, with that thread's own copy."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._tokenizer()))
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -321,6 +321,15 @@ inline void prefetch_row(const void* start, int64_t num_bytes) {
   for (int64_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
+// Whether chunk_bf16_dot (which reads the raw query, Scratch::qb) is built for T.
+template <typename T>
+constexpr bool kHasBf16Dot =
+#if defined(__AVX512BF16__)
+    std::is_same_v<T, c10::BFloat16>;
+#else
+    false;
+#endif
+
 // Per-thread buffers, sized once per call for a task of up to heads_per_task kv heads.
 struct Scratch {
   std::vector<float> q, acc, m, l;
@@ -343,10 +352,12 @@ void attend_row(const T* q, T* out, const T* cache, const int64_t* blocks, int64
   for (int64_t h = 0; h < num_q; ++h) {
     const T* qh = q + (h0 * g.group + h) * g.q_head_stride;
     for (int64_t i = 0; i < d; ++i) w.q[h * d + i] = to_f32(qh[i]) * g.scale;
-    if constexpr (std::is_same_v<T, c10::BFloat16>) std::copy_n(qh, d, w.qb.data() + h * d);
+    if constexpr (kHasBf16Dot<T>) {
+      if (d == 64) std::copy_n(qh, d, w.qb.data() + h * d);
+    }
   }
   const T* qb = nullptr;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) qb = w.qb.data();
+  if constexpr (kHasBf16Dot<T>) qb = w.qb.data();
   std::fill_n(w.acc.begin(), num_q * d, 0.0f);
   std::fill_n(w.m.begin(), num_q, -std::numeric_limits<float>::infinity());
   std::fill_n(w.l.begin(), num_q, 0.0f);
